@@ -1,0 +1,245 @@
+"""The endpoint catalog: which hosts and paths carry Meta telemetry, compiled into a fast matcher.
+
+Pure: no mitmproxy. The cost of `Catalog.match` on a host outside the catalog is a handful of
+dict lookups (one per label of the host name), whatever the size of the catalog.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KINDS = ("telemetry", "functional")
+CODECS = ("banzai", "form", "json", "msgpack", "graph_logging", "pixel", "falco_ws", "auto")
+
+
+class ConfigError(ValueError):
+    """A config file is invalid. The message names the file (and line, where TOML knows it)."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The local success answer a dropped request gets, per endpoint family."""
+
+    status: int = 200
+    content_type: str = "text/plain"
+    body: bytes = b""
+    gif: bool = False
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    hosts: tuple[str, ...]
+    kind: str = "telemetry"
+    app: str | None = None
+    paths: frozenset[str] = frozenset()
+    path_prefixes: tuple[str, ...] = ()
+    path_globs: tuple[str, ...] = ()
+    methods: frozenset[str] = frozenset()
+    codec: str = "auto"
+    answer: str = "banzai"
+    note: str = ""
+
+    @property
+    def droppable(self) -> bool:
+        return self.kind == "telemetry"
+
+    def matches_path(self, path: str) -> bool:
+        if path in self.paths:
+            return True
+        if any(path.startswith(p) for p in self.path_prefixes):
+            return True
+        return any(fnmatch.fnmatchcase(path, g) for g in self.path_globs)
+
+
+@dataclass(frozen=True)
+class Match:
+    """Result of a catalog lookup for a Meta host. `endpoint` is None for a Meta host and path
+    that the catalog does not list (an "uncataloged" flow: detection still runs on it)."""
+
+    app: str
+    endpoint: Endpoint | None
+
+
+@dataclass
+class Catalog:
+    apps: dict[str, str]
+    endpoints: list[Endpoint]
+    answers: dict[str, Answer]
+    source: str = "<memory>"
+    _by_host: dict[str, list[Endpoint]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        by_host: dict[str, list[Endpoint]] = {}
+        for ep in self.endpoints:
+            for h in ep.hosts:
+                by_host.setdefault(h, []).append(ep)
+        self._by_host = by_host
+
+    # -- lookups -----------------------------------------------------------------------------
+    def app_for(self, host: str) -> str | None:
+        """The app that owns `host` (longest matching suffix), or None if it is not a Meta host."""
+        host = host.lower().rstrip(".")
+        apps = self.apps
+        while True:
+            app = apps.get(host)
+            if app is not None:
+                return app
+            dot = host.find(".")
+            if dot < 0:
+                return None
+            host = host[dot + 1 :]
+
+    def match(self, host: str, path: str, method: str = "POST") -> Match | None:
+        """Find the endpoint for a request. None means: not a Meta host, leave it alone."""
+        host = host.lower().rstrip(".")
+        app = self.app_for(host)
+        if app is None:
+            return None
+        qpos = path.find("?")
+        if qpos >= 0:
+            path = path[:qpos]
+        by_host = self._by_host
+        h = host
+        while True:
+            for ep in by_host.get(h, ()):
+                if ep.methods and method.upper() not in ep.methods:
+                    continue
+                if ep.matches_path(path):
+                    return Match(app=ep.app or app, endpoint=ep)
+            dot = h.find(".")
+            if dot < 0:
+                break
+            h = h[dot + 1 :]
+        return Match(app=app, endpoint=None)
+
+    def endpoint(self, name: str) -> Endpoint | None:
+        return next((e for e in self.endpoints if e.name == name), None)
+
+    def host_suffixes(self) -> list[str]:
+        """Every host suffix keyveil cares about (apps and endpoints), for scoping interception."""
+        suffixes = set(self.apps)
+        for ep in self.endpoints:
+            suffixes.update(ep.hosts)
+        # keep only the shortest suffixes: facebook.com already covers www.facebook.com
+        return sorted(s for s in suffixes if not any(s != o and s.endswith("." + o) for o in suffixes))
+
+    def intercept_regex(self) -> str:
+        """A regex for mitmproxy's `allow_hosts`: the catalog's hosts and their subdomains."""
+        alts = "|".join(re.escape(s) for s in self.host_suffixes())
+        return rf"^(.+\.)?({alts})(:\d+)?$"
+
+    def answer_for(self, endpoint: Endpoint | None) -> Answer:
+        if endpoint is None:
+            return Answer(status=200, content_type="text/plain")
+        return self.answers.get(endpoint.answer, Answer())
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def _str_list(raw: dict, key: str, where: str) -> tuple[str, ...]:
+    val = raw.get(key, [])
+    if isinstance(val, str):
+        val = [val]
+    if not isinstance(val, list) or not all(isinstance(v, str) for v in val):
+        raise ConfigError(f"{where}: '{key}' must be a list of strings")
+    return tuple(val)
+
+
+def parse_catalog(text: str, source: str = "<string>") -> Catalog:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+    apps_raw = data.get("apps", {})
+    if not isinstance(apps_raw, dict) or not all(isinstance(v, str) for v in apps_raw.values()):
+        raise ConfigError(f"{source}: [apps] must map host suffixes to app names")
+    apps = {k.lower(): v for k, v in apps_raw.items()}
+
+    answers: dict[str, Answer] = {}
+    for name, raw in data.get("answers", {}).items():
+        where = f"{source}: [answers.{name}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where} must be a table")
+        status = raw.get("status", 200)
+        if not isinstance(status, int) or not 100 <= status <= 599:
+            raise ConfigError(f"{where}: status must be an HTTP status code")
+        answers[name] = Answer(
+            status=status,
+            content_type=str(raw.get("content_type", "text/plain")),
+            body=str(raw.get("body", "")).encode(),
+            gif=bool(raw.get("gif", False)),
+        )
+
+    endpoints: list[Endpoint] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(data.get("endpoint", [])):
+        name = raw.get("name")
+        where = f"{source}: [[endpoint]] #{i + 1} ({name or 'unnamed'})"
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}: 'name' is required")
+        if name in seen:
+            raise ConfigError(f"{where}: duplicate endpoint name")
+        seen.add(name)
+        hosts = tuple(h.lower() for h in _str_list(raw, "hosts", where))
+        if not hosts:
+            raise ConfigError(f"{where}: 'hosts' must list at least one host suffix")
+        paths = _str_list(raw, "paths", where)
+        prefixes = _str_list(raw, "path_prefixes", where)
+        globs = _str_list(raw, "path_globs", where)
+        if not (paths or prefixes or globs):
+            raise ConfigError(f"{where}: needs paths, path_prefixes or path_globs")
+        kind = raw.get("kind", "telemetry")
+        if kind not in KINDS:
+            raise ConfigError(f"{where}: kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        codec = raw.get("codec", "auto")
+        if codec not in CODECS:
+            raise ConfigError(f"{where}: codec must be one of {', '.join(CODECS)}, not {codec!r}")
+        answer = raw.get("answer", "banzai")
+        if answers and answer not in answers:
+            raise ConfigError(f"{where}: answer {answer!r} is not defined under [answers]")
+        endpoints.append(
+            Endpoint(
+                name=name,
+                hosts=hosts,
+                kind=kind,
+                app=raw.get("app"),
+                paths=frozenset(paths),
+                path_prefixes=prefixes,
+                path_globs=globs,
+                methods=frozenset(m.upper() for m in _str_list(raw, "methods", where)),
+                codec=codec,
+                answer=answer,
+                note=str(raw.get("note", "")),
+            )
+        )
+        for h in hosts:
+            if not _covered(h, apps):
+                # an endpoint host outside [apps] would never be looked up: give it the endpoint's app
+                apps[h] = raw.get("app") or name
+    return Catalog(apps=apps, endpoints=endpoints, answers=answers, source=source)
+
+
+def _covered(host: str, apps: dict[str, str]) -> bool:
+    while True:
+        if host in apps:
+            return True
+        dot = host.find(".")
+        if dot < 0:
+            return False
+        host = host[dot + 1 :]
+
+
+def load_catalog(path: str | Path) -> Catalog:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    return parse_catalog(text, source=str(path))
