@@ -67,7 +67,9 @@ def pac_script(
     proxy = f"PROXY {host}:{proxy_port}"
     if fallback_direct:
         proxy += "; DIRECT"
-    suffixes = sorted({s.lower().strip(".") for s in [*catalog.host_suffixes(), *extra_hosts] if s.strip(".")})
+    suffixes = sorted(
+        {s.lower().strip(".") for s in [*catalog.host_suffixes(), *extra_hosts] if s.strip(".")}
+    )
     return _TEMPLATE.format(
         source=catalog.source.replace("\n", " "),
         proxy=proxy,
