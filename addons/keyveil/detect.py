@@ -1,0 +1,419 @@
+"""Detection: find behavioral telemetry in a decoded tree and say where it sits.
+
+Three signals, combined per *event unit* (a Banzai post, a Falco or client event, a Pixel hit) and
+per *field* (a behavioral field inside a functional request, e.g. GraphQL `variables`):
+
+1. names: Banzai routes and event names matched against config/detection.toml;
+2. vocabulary: field names (`clientX`, `dwell`, `tos_array`...) and DOM event words (`keydown`);
+3. shape: numeric series that look like human input timing (monotonic epoch or high-resolution
+   timestamps, gaps of tens to hundreds of ms, not constant), and x/y/t tuples, whatever the names.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import tomllib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from keyveil.catalog import ConfigError
+from keyveil.codecs.tree import Field, Layer
+
+BEHAVIORAL = ("keystroke", "touch", "pointer", "click", "scroll", "activity", "fingerprint")
+CATEGORIES = (*BEHAVIORAL, "other")
+_RANK = {c: i for i, c in enumerate(CATEGORIES)}  # most identifying first
+_EVENT_KEYS = ("extra", "time", "module", "tags", "rate", "sampling_rate")
+
+
+@dataclass
+class Rules:
+    names: dict[str, re.Pattern[str]]
+    keys: dict[str, str]
+    events: dict[str, str]
+    features: frozenset[str]
+
+    def name_categories(self, name: str) -> list[str]:
+        n = name.lower()
+        for prefix in ("falco:", "logger:", "ods:", "pixel:"):
+            if n.startswith(prefix):
+                n = n[len(prefix) :]
+                break
+        return [c for c, rx in self.names.items() if rx.match(n)]
+
+
+def parse_rules(text: str, source: str = "<string>") -> Rules:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    names: dict[str, re.Pattern[str]] = {}
+    for cat, pats in data.get("names", {}).items():
+        if cat not in BEHAVIORAL:
+            raise ConfigError(f"{source}: [names] unknown category {cat!r}")
+        names[cat] = re.compile("|".join(f"(?:{fnmatch.translate(p.lower())})" for p in pats))
+    vocab = data.get("vocabulary", {})
+    keys: dict[str, str] = {}
+    events: dict[str, str] = {}
+    for table, out in (("keys", keys), ("events", events)):
+        for cat, words in vocab.get(table, {}).items():
+            if cat not in BEHAVIORAL:
+                raise ConfigError(f"{source}: [vocabulary.{table}] unknown category {cat!r}")
+            for w in words:
+                out.setdefault(w.lower(), cat)
+    features = frozenset(w.lower() for w in vocab.get("features", []))
+    return Rules(names=names, keys=keys, events=events, features=features)
+
+
+def load_rules(path: str | Path) -> Rules:
+    path = Path(path)
+    try:
+        return parse_rules(path.read_text(encoding="utf-8"), str(path))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+
+
+# -- findings ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Series:
+    """A numeric timing series inside a payload, in place, for statistics and rewriting."""
+
+    category: str
+    container: Any  # list of numbers, or list of dicts/tuples
+    column: Any  # None: the container itself; else the dict key / tuple index holding the time
+    scale: float  # multiply values by this to get milliseconds
+
+    def values_ms(self) -> np.ndarray:
+        if self.column is None:
+            vals = self.container
+        else:
+            vals = [item[self.column] for item in self.container]
+        return np.asarray(vals, dtype=np.float64) * self.scale
+
+
+@dataclass
+class Finding:
+    unit: str  # post | event | hit | field | body
+    route: str | None
+    categories: dict[str, int]  # category -> samples
+    signals: set[str]
+    owner: Layer | None  # the layer whose value holds `container`
+    container: Any
+    key: Any
+    series: list[Series] = field(default_factory=list)
+    data: Any = None  # the unit itself, for format-specific handlers (bd_pdc_signals...)
+
+    @property
+    def category(self) -> str:
+        return min(self.categories, key=_RANK.__getitem__) if self.categories else "other"
+
+    @property
+    def behavioral(self) -> bool:
+        return any(c != "other" for c in self.categories)
+
+
+@dataclass
+class Detection:
+    findings: list[Finding]
+    layers: list[str]
+
+    def categories(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for f in self.findings:
+            for cat, samples in f.categories.items():
+                slot = out.setdefault(cat, {"events": 0, "samples": 0})
+                slot["events"] += 1
+                slot["samples"] += samples
+        return out
+
+    def routes(self) -> dict[str, int]:
+        return dict(Counter(f.route for f in self.findings if f.route))
+
+    def stats(self) -> dict[str, int]:
+        """Coarse statistics for the journal: never raw values."""
+        gaps = [np.diff(np.sort(s.values_ms())) for f in self.findings for s in f.series if s.category == "keystroke"]
+        gaps = [g for g in gaps if g.size]
+        if not gaps:
+            return {}
+        med = float(np.median(np.concatenate(gaps)))
+        return {"keystroke_median_gap_ms": int(round(med / 10.0) * 10)}
+
+    @property
+    def behavioral(self) -> bool:
+        return any(f.behavioral for f in self.findings)
+
+
+# -- shape -------------------------------------------------------------------------------------
+
+
+def _is_num(v: Any) -> bool:
+    return type(v) is int or type(v) is float
+
+
+def timing_shape(values: list, *, relative_ok: bool = False) -> tuple[str, float] | None:
+    """(category, scale to ms) if `values` look like human input timestamps, else None.
+
+    Human input: monotonic, at least 4 events, median gap 8 ms - 3 s, gaps that vary (constant
+    intervals are timers, not people). Epoch ms, epoch seconds with ms precision, or (when
+    `relative_ok` or the values are fractional) high-resolution page-relative milliseconds.
+    """
+    n = len(values)
+    if n < 4 or not all(_is_num(v) for v in values):
+        return None
+    a = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(a).all():
+        return None
+    first = a[0]
+    if 1e12 <= first <= 4e12:
+        scale = 1.0
+    elif 1e9 <= first <= 4e9:
+        scale = 1000.0
+    elif 0 <= first < 1e8 and (relative_ok or bool(np.any(a != np.floor(a)))):
+        scale = 1.0
+    else:
+        return None
+    d = np.diff(a) * scale
+    if (d < 0).any():
+        return None
+    if np.count_nonzero(d) < 3:
+        return None
+    med = float(np.median(d))
+    if not 8.0 <= med <= 3000.0 or float(d.max()) > 600_000.0:
+        return None
+    mean = float(d.mean())
+    if mean <= 0 or float(d.std()) / mean < 0.1:
+        return None
+    return ("pointer" if med < 35.0 else "keystroke"), scale
+
+
+# -- the walk ----------------------------------------------------------------------------------
+
+
+class Detector:
+    def __init__(self, rules: Rules, max_nodes: int = 2_000_000) -> None:
+        self.rules = rules
+        self.max_nodes = max_nodes
+
+    def detect(self, root: Layer | None) -> Detection:
+        findings: list[Finding] = []
+        if root is None:
+            return Detection(findings, [])
+        _Walk(self.rules, findings).visit(root, None, None, None, 0)
+        return Detection(findings, [lay.codec for lay in root.layers()])
+
+
+class _Walk:
+    def __init__(self, rules: Rules, out: list[Finding]) -> None:
+        self.rules = rules
+        self.out = out
+
+    def visit(self, value: Any, owner: Layer | None, container: Any, key: Any, depth: int) -> None:
+        if depth > 512:  # decode already bounds depth; this keeps the walk safe on hand-built trees
+            return
+        if isinstance(value, Layer):
+            self.visit(value.value, value, container, key, depth + 1)
+            return
+        if isinstance(value, dict):
+            self._dict(value, owner, container, key, depth)
+        elif isinstance(value, list):
+            if value and isinstance(value[0], Field):
+                self._fields(value, owner, depth)
+            else:
+                self._list(value, owner, container, key, depth)
+
+    # a form or multipart body
+    def _fields(self, fields: list[Field], owner: Layer | None, depth: int) -> None:
+        names = {f.name for f in fields}
+        if "ev" in names and "id" in names:  # a Meta Pixel hit
+            ev = next(str(f.value) for f in fields if f.name == "ev")
+            cats, signals, series = self._classify_unit(f"pixel:{ev}", [f.value for f in fields])
+            self.out.append(Finding("hit", f"pixel:{ev}", cats, signals, owner, None, None, series, fields))
+            return
+        for i, f in enumerate(fields):
+            lname = f.name.lower()
+            cat = self.rules.keys.get(lname)
+            if cat and lname not in self.rules.features:
+                cats, signals, series = self._classify_unit(None, f.value)
+                cats[cat] = max(cats.get(cat, 0), _count(f.value))
+                self.out.append(Finding("field", f.name, cats, signals | {"vocab"}, owner, fields, i, series))
+                continue
+            self.visit(f.value, owner, fields, i, depth + 1)
+
+    def _dict(self, d: dict, owner: Layer | None, container: Any, key: Any, depth: int) -> None:
+        name = d.get("name")
+        if isinstance(name, str) and any(k in d for k in _EVENT_KEYS):
+            cats, signals, series = self._classify_unit(name, d)
+            self.out.append(Finding("event", name, cats, signals, owner, container, key, series, d))
+            return
+        for k, v in d.items():
+            lk = k.lower() if isinstance(k, str) else k
+            if lk in self.rules.features:
+                continue
+            cat = self.rules.keys.get(lk) if isinstance(lk, str) else None
+            if cat:
+                cats, signals, series = self._classify_unit(None, v)
+                cats[cat] = max(cats.get(cat, 0), _count(v))
+                self.out.append(Finding("field", str(k), cats, signals | {"vocab"}, owner, d, k, series))
+                continue
+            if isinstance(v, list):
+                shaped = self._series(v)
+                if shaped is not None:
+                    cat, samples, series = shaped
+                    self.out.append(Finding("field", str(k), {cat: samples}, {"shape"}, owner, d, k, series))
+                    continue
+            self.visit(v, owner, d, k, depth + 1)
+
+    def _list(self, lst: list, owner: Layer | None, container: Any, key: Any, depth: int) -> None:
+        if _is_post(lst):
+            route = lst[0]
+            cats, signals, series = self._classify_unit(route, lst[1])
+            self.out.append(Finding("post", route, cats, signals, owner, container, key, series, lst))
+            return
+        for i, item in enumerate(lst):
+            if isinstance(item, list):
+                if _is_post(item) or item and isinstance(item[0], (dict, list, Layer)):
+                    self.visit(item, owner, lst, i, depth + 1)
+                    continue
+                shaped = self._series(item)
+                if shaped is not None:
+                    cat, samples, series = shaped
+                    self.out.append(Finding("field", None, {cat: samples}, {"shape"}, owner, lst, i, series))
+                    continue
+            self.visit(item, owner, lst, i, depth + 1)
+
+    # -- classification of one unit ----------------------------------------------------------
+    def _classify_unit(self, name: str | None, data: Any) -> tuple[dict[str, int], set[str], list[Series]]:
+        cats: dict[str, int] = {}
+        signals: set[str] = set()
+        series: list[Series] = []
+        if name:
+            for c in self.rules.name_categories(name):
+                cats[c] = cats.get(c, 0)
+                signals.add("name")
+        self._scan(data, cats, signals, series, 0)
+        for c in cats:
+            if cats[c] == 0:
+                cats[c] = 1
+        if not cats:
+            cats["other"] = 1
+        return cats, signals, series
+
+    def _scan(self, v: Any, cats: dict[str, int], signals: set[str], series: list[Series], depth: int) -> None:
+        """Collect vocabulary and shape evidence anywhere below a unit."""
+        if depth > 256:
+            return
+        if isinstance(v, Layer):
+            self._scan(v.value, cats, signals, series, depth + 1)
+        elif isinstance(v, Field):
+            self._scan(v.value, cats, signals, series, depth + 1)
+        elif isinstance(v, dict):
+            if "tos_array" in v:
+                cats["activity"] = cats.get("activity", 0) + _popcount(v["tos_array"])
+                signals.add("vocab")
+            for k, x in v.items():
+                lk = k.lower() if isinstance(k, str) else None
+                if lk in self.rules.features:
+                    continue
+                cat = self.rules.keys.get(lk) if lk else None
+                if cat:
+                    cats[cat] = cats.get(cat, 0) + _count(x)
+                    signals.add("vocab")
+                if isinstance(x, str):
+                    ecat = self.rules.events.get(x.lower()) if len(x) < 20 else None
+                    if ecat:
+                        cats[ecat] = cats.get(ecat, 0) + 1
+                        signals.add("vocab")
+                elif isinstance(x, (dict, list, Layer)):
+                    if isinstance(x, list):
+                        shaped = self._series(x)
+                        if shaped is not None:
+                            c, n, s = shaped
+                            cats[c] = cats.get(c, 0) + n
+                            series.extend(s)
+                            signals.add("shape")
+                            continue
+                    self._scan(x, cats, signals, series, depth + 1)
+        elif isinstance(v, list):
+            shaped = self._series(v)
+            if shaped is not None:
+                c, n, s = shaped
+                cats[c] = cats.get(c, 0) + n
+                series.extend(s)
+                signals.add("shape")
+                return
+            for x in v:
+                if isinstance(x, str):
+                    ecat = self.rules.events.get(x.lower()) if len(x) < 20 else None
+                    if ecat:
+                        cats[ecat] = cats.get(ecat, 0) + 1
+                        signals.add("vocab")
+                elif isinstance(x, (dict, list, Layer, Field)):
+                    self._scan(x, cats, signals, series, depth + 1)
+
+    def _series(self, lst: list) -> tuple[str, int, list[Series]] | None:
+        """A timing series in `lst`: plain numbers, x/y/t tuples, or records sharing a time field."""
+        n = len(lst)
+        if n < 4:
+            return None
+        first = lst[0]
+        if _is_num(first):
+            shaped = timing_shape(lst)
+            if shaped:
+                return shaped[0], n, [Series(shaped[0], lst, None, shaped[1])]
+            return None
+        if isinstance(first, list) and 3 <= len(first) <= 4 and all(
+            isinstance(t, list) and len(t) == len(first) for t in lst
+        ):
+            col = len(first) - 1
+            shaped = timing_shape([t[col] for t in lst], relative_ok=True)
+            if shaped and all(_is_num(t[0]) and _is_num(t[1]) for t in lst):
+                return "pointer", n, [Series("pointer", lst, col, shaped[1])]
+            return None
+        if isinstance(first, dict):
+            if not all(isinstance(x, dict) for x in lst):
+                return None
+            for k, v in first.items():
+                if not _is_num(v) or not all(k in x and _is_num(x[k]) for x in lst):
+                    continue
+                shaped = timing_shape([x[k] for x in lst], relative_ok=True)
+                if not shaped:
+                    continue
+                cat = shaped[0]
+                if {"x", "y"} <= first.keys() or {"clientX", "clientY"} <= first.keys():
+                    cat = "pointer"
+                types = {self.rules.events.get(str(x.get("type", "")).lower()) for x in lst} - {None}
+                if len(types) == 1:
+                    cat = types.pop()
+                return cat, n, [Series(cat, lst, k, shaped[1])]
+        return None
+
+
+def _is_post(lst: list) -> bool:
+    """Banzai post: [route, data, time_ms, retry_count, size_bytes]."""
+    return (
+        4 <= len(lst) <= 6
+        and isinstance(lst[0], str)
+        and isinstance(lst[1], (dict, list, Layer, str))
+        and _is_num(lst[2])
+        and _is_num(lst[3])
+    )
+
+
+def _count(v: Any) -> int:
+    if isinstance(v, Layer):
+        return _count(v.value)
+    if isinstance(v, (list, dict)):
+        return max(len(v), 1)
+    return 1
+
+
+def _popcount(v: Any) -> int:
+    if isinstance(v, list):
+        return sum(bin(int(x) & 0xFFFFFFFF).count("1") for x in v if _is_num(x))
+    return 1

@@ -1,0 +1,165 @@
+"""Policy: config/policy.toml -> what to do with a flow and with each finding."""
+
+from __future__ import annotations
+
+import fnmatch
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from keyveil.catalog import ConfigError, Endpoint
+from keyveil.detect import CATEGORIES, Finding
+
+ACTIONS = ("drop", "strip", "rewrite", "pass")
+MODES = ("enforce", "audit")
+_RULE_KEYS = {"app", "endpoint", "kind", "category", "route", "action", "note"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    action: str
+    app: str | None = None
+    endpoint: str | None = None
+    kind: str | None = None
+    category: str | None = None
+    route: str | None = None
+
+    def matches(self, app: str, endpoint: str | None, kind: str, category: str | None, route: str | None) -> bool:
+        if self.app is not None and self.app != app:
+            return False
+        if self.endpoint is not None and self.endpoint != endpoint:
+            return False
+        if self.kind is not None and self.kind != kind:
+            return False
+        if self.category is not None and self.category != category:
+            return False
+        return self.route is None or (route is not None and fnmatch.fnmatchcase(route.lower(), self.route.lower()))
+
+
+@dataclass
+class Plan:
+    """The decision for one flow: `flow` is drop/strip/rewrite/pass/allowed; `actions` per finding."""
+
+    flow: str
+    actions: list[str] = field(default_factory=list)
+    reason: str = ""
+
+
+@dataclass
+class Policy:
+    mode: str = "enforce"
+    telemetry: str = "drop"
+    uncataloged: str = "strip"
+    features: str = "pass"
+    categories: dict[str, str] = field(default_factory=lambda: {c: ("pass" if c == "other" else "strip") for c in CATEGORIES})
+    rules: list[Rule] = field(default_factory=list)
+    allow_apps: frozenset[str] = frozenset()
+    allow_endpoints: frozenset[str] = frozenset()
+    allow_hosts: tuple[str, ...] = ()
+    rewrite: dict = field(default_factory=dict)
+
+    def allowed(self, app: str, endpoint: str | None, host: str) -> bool:
+        if app in self.allow_apps or (endpoint and endpoint in self.allow_endpoints):
+            return True
+        return any(host == h or host.endswith("." + h) for h in self.allow_hosts)
+
+    def _rule(self, app: str, endpoint: str | None, kind: str, category: str | None, route: str | None) -> str | None:
+        for r in self.rules:
+            if r.matches(app, endpoint, kind, category, route):
+                return r.action
+        return None
+
+    def decide(self, app: str, endpoint: Endpoint | None, host: str, findings: list[Finding]) -> Plan:
+        name = endpoint.name if endpoint else None
+        kind = endpoint.kind if endpoint else "uncataloged"
+        if self.allowed(app, name, host):
+            return Plan("allowed", ["pass"] * len(findings), "allowlist")
+        flow_rule = next(
+            (r.action for r in self.rules if r.category is None and r.route is None and r.matches(app, name, kind, None, None)),
+            None,
+        )
+        if kind == "telemetry":
+            flow = flow_rule or self.telemetry
+            if flow == "drop":
+                return Plan("drop", ["drop"] * len(findings))
+            if flow == "pass":
+                return Plan("pass", ["pass"] * len(findings))
+        elif kind == "uncataloged":
+            flow = flow_rule or self.uncataloged
+            if flow == "pass" or flow == "drop" and not findings:
+                return Plan("pass", ["pass"] * len(findings))
+        actions: list[str] = []
+        for f in findings:
+            act = self._rule(app, name, kind, f.category, f.route) or self.categories.get(f.category, "pass")
+            if act == "drop" and (kind != "telemetry" or endpoint is None):
+                act = "strip"  # never drop a functional request for one field: remove the field
+            actions.append(act)
+        if any(a in ("strip", "drop") for a in actions):
+            flow = "strip"
+        elif "rewrite" in actions:
+            flow = "rewrite"
+        else:
+            flow = "pass"
+        return Plan(flow, actions)
+
+
+def parse_policy(text: str, source: str = "<string>") -> Policy:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+    def action(value: object, where: str, allowed: tuple[str, ...] = ACTIONS) -> str:
+        if value not in allowed:
+            raise ConfigError(f"{source}: {where} must be one of {', '.join(allowed)}, not {value!r}")
+        return str(value)
+
+    mode = data.get("mode", "enforce")
+    if mode not in MODES:
+        raise ConfigError(f"{source}: mode must be enforce or audit, not {mode!r}")
+    defaults = data.get("defaults", {})
+    cats = Policy().categories
+    for cat, act in data.get("categories", {}).items():
+        if cat not in CATEGORIES:
+            raise ConfigError(f"{source}: [categories] unknown category {cat!r}")
+        cats[cat] = action(act, f"[categories] {cat}")
+    rules: list[Rule] = []
+    for i, raw in enumerate(data.get("rule", [])):
+        where = f"[[rule]] #{i + 1}"
+        unknown = set(raw) - _RULE_KEYS
+        if unknown:
+            raise ConfigError(f"{source}: {where} unknown key(s) {', '.join(sorted(unknown))}")
+        if raw.get("category") is not None and raw["category"] not in CATEGORIES:
+            raise ConfigError(f"{source}: {where} unknown category {raw['category']!r}")
+        rules.append(
+            Rule(
+                action=action(raw.get("action"), f"{where} action"),
+                app=raw.get("app"),
+                endpoint=raw.get("endpoint"),
+                kind=raw.get("kind"),
+                category=raw.get("category"),
+                route=raw.get("route"),
+            )
+        )
+    allow = data.get("allowlist", {})
+    return Policy(
+        mode=mode,
+        telemetry=action(defaults.get("telemetry", "drop"), "[defaults] telemetry"),
+        uncataloged=action(defaults.get("uncataloged", "strip"), "[defaults] uncataloged"),
+        features=action(defaults.get("features", "pass"), "[defaults] features", ("pass", "strip")),
+        categories=cats,
+        rules=rules,
+        allow_apps=frozenset(allow.get("apps", [])),
+        allow_endpoints=frozenset(allow.get("endpoints", [])),
+        allow_hosts=tuple(h.lower() for h in allow.get("hosts", [])),
+        rewrite=dict(data.get("rewrite", {})),
+    )
+
+
+def load_policy(path: str | Path) -> Policy:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    return parse_policy(text, str(path))
