@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import cramjam
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -26,6 +27,7 @@ from keyveil.bdsignals import (
     js_dumps,
     keystroke_series,
     parse_signals,
+    process_bd_e_string,
     process_bd_post,
     replace_keystroke_times,
     strip_signals,
@@ -376,3 +378,55 @@ def _has_float_int_ambiguity(obj: Any) -> bool:
     if isinstance(obj, list):
         return any(_has_float_int_ambiguity(v) for v in obj)
     return False
+
+
+def test_retimer_may_return_numpy_or_generator() -> None:
+    signals, _ = _synthetic(n_keys=4, seed=11)
+    e = _e_for(signals)
+    arr = process_bd_post(e, retime=lambda s: np.asarray(s.times, dtype=float) + 0.25)
+    gen = process_bd_post(e, retime=lambda s: (t + 0.25 for t in s.times if t is not None))
+    assert arr.changed and gen.changed and arr.e == gen.e
+    assert process_bd_post(e, retime=lambda s: [None] * len(s)).changed is False
+    for bad in (lambda s: None, lambda s: "12", lambda s: ["1"] * len(s), lambda s: [1e300] * len(s)):
+        with pytest.raises(SignalsError):
+            process_bd_post(e, retime=bad)  # type: ignore[arg-type]
+
+
+def test_e_string_helper_keeps_the_browser_style() -> None:
+    _, raw_e, e = SAMPLES[1]
+    changed, same, summary = process_bd_e_string(raw_e)
+    assert changed is False and same is raw_e and summary.categories == {"fingerprint": 17}
+    changed, new_text, _ = process_bd_e_string(raw_e, strip_ids={30094, 30013})
+    assert changed and new_text is not None
+    new_e = json.loads(new_text)
+    assert js_dumps(new_e) == new_text and ", " not in new_text and list(new_e) == list(e)
+    left = parse_signals(decrypt_sjd(new_e["sjd"], e["asid"]))
+    assert "30094" not in left and "30013" not in left and len(left) == 15
+    changed, gone, _ = process_bd_e_string(raw_e, strip_ids=lambda sid: True)
+    assert changed and gone is None
+    for bad in ("{", "[]", '{"asid": 1, "sjd": "x"}', None):
+        with pytest.raises(SignalsError):
+            process_bd_e_string(bad)  # type: ignore[arg-type]
+
+
+def test_over_long_integer_literal_is_a_signals_error() -> None:
+    with pytest.raises(SignalsError):
+        decrypt_sjd(encrypt_sjd(b'{"1":' + b"9" * 5000 + b"}", ASID), ASID)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["asid", "sjd", "ct", "sid", "rt"]),
+        st.one_of(
+            st.none(), st.integers(), st.text(max_size=40), st.just(ASID), st.just(SAMPLES[1][2]["sjd"])
+        ),
+    ),
+    st.one_of(st.none(), st.sets(st.integers(30000, 38001), max_size=3)),
+)
+def test_process_bd_post_only_raises_signals_error(e: dict[str, Any], strip: set[int] | None) -> None:
+    try:
+        res = process_bd_post(e, strip_ids=strip, retime=lambda s: list(s.times))
+    except SignalsError:
+        return
+    assert isinstance(res.changed, bool)

@@ -13,8 +13,9 @@ import base64
 import binascii
 import json
 import math
+import numbers
 import statistics
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, NamedTuple
@@ -61,6 +62,7 @@ SIGNAL_NAMES: dict[int, str] = {
 
 _BLOCK = 8
 _ASID_LEN = 36
+_MAX_EPOCH_S = 1e11  # year 5138: anything larger is not a Date.now()/1000
 
 
 class SignalsError(ValueError):
@@ -152,7 +154,7 @@ def parse_signals(plaintext: bytes) -> dict[str, Any]:
     """The decrypted JSON object {signal id (str): [record, ...]}. Raises SignalsError otherwise."""
     try:
         obj = json.loads(_text_from_bytes(plaintext), parse_constant=_reject_constant)
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError also covers over-long integer literals
         raise SignalsError(f"not JSON: {e}") from None
     if not isinstance(obj, dict):
         raise SignalsError(f"not a JSON object of signals but {type(obj).__name__}")
@@ -204,7 +206,10 @@ def js_dumps(obj: Any) -> str:
 
 def dumps_signals(signals: Mapping[str, Any]) -> bytes:
     """Signals as the client serializes them before encryption (byte-identical for its own output)."""
-    return _bytes_from_text(js_dumps(signals))
+    try:
+        return _bytes_from_text(js_dumps(signals))
+    except RecursionError:
+        raise SignalsError("signals nested too deeply to serialize") from None
 
 
 # --- classification ----------------------------------------------------------------------------
@@ -377,18 +382,27 @@ def _js_seconds(t: float) -> float | int:
     return ms // 1000 if ms % 1000 == 0 else ms / 1000
 
 
-def replace_keystroke_times(signals: Mapping[str, Any], new_times: Sequence[float]) -> dict[str, Any]:
+def replace_keystroke_times(signals: Mapping[str, Any], new_times: Iterable[float]) -> dict[str, Any]:
     """A copy with the 30100 records' `t` replaced in record order (seconds, kept to ms precision).
 
-    `new_times` must have one entry per 30100 record (see keystroke_series). Records without a
-    numeric `t` keep theirs."""
+    `new_times` (a list, tuple, generator or numpy array) must have one entry per 30100 record (see
+    keystroke_series); None keeps that record's time. Records without a numeric `t` keep theirs."""
+    bad = SignalsError(f"new times must be a sequence of numbers, not {type(new_times).__name__}")
+    if isinstance(new_times, str | bytes | Mapping):
+        raise bad
+    try:
+        items = list(new_times)
+    except TypeError:
+        raise bad from None
+    if any(t is not None and (isinstance(t, bool) or not isinstance(t, numbers.Real)) for t in items):
+        raise SignalsError("new keystroke times must be numbers (or None to keep one)")
+    times = [None if t is None else float(t) for t in items]
     series = keystroke_series(signals)
-    if len(new_times) != len(series):
-        raise SignalsError(f"{len(new_times)} new times for {len(series)} keystroke records")
-    for t in new_times:
-        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
-            raise SignalsError(f"invalid keystroke time {t!r}")
-    it = iter(new_times)
+    if len(times) != len(series):
+        raise SignalsError(f"{len(times)} new times for {len(series)} keystroke records")
+    if not all(t is None or 0 <= t < _MAX_EPOCH_S for t in times):  # also rejects NaN and inf
+        raise SignalsError("new keystroke times must be epoch seconds (0 to 1e11)")
+    it = iter(times)
     out: dict[str, Any] = {}
     for key, value in signals.items():
         if signal_id(key) != KEYSTROKE_ID:
@@ -397,14 +411,14 @@ def replace_keystroke_times(signals: Mapping[str, Any], new_times: Sequence[floa
         recs = []
         for rec in _records(value):
             t = next(it)
-            if _record_time(rec) is not None:
-                rec = {**rec, "t": _js_seconds(float(t))}
+            if t is not None and _record_time(rec) is not None:
+                rec = {**rec, "t": _js_seconds(t)}
             recs.append(rec)
         out[key] = recs if isinstance(value, list) else recs[0]
     return out
 
 
-Retimer = Callable[[KeystrokeSeries], Sequence[float]]
+Retimer = Callable[[KeystrokeSeries], Iterable[float]]
 
 
 class BdResult(NamedTuple):
@@ -434,9 +448,27 @@ def process_bd_post(
     if retime is not None:
         series = keystroke_series(new)
         if len(series):
-            new = replace_keystroke_times(new, list(retime(series)))
+            # Errors raised inside the retimer propagate: they are bugs of the caller, not of the data.
+            new = replace_keystroke_times(new, retime(series))
     if new == signals:
         return BdResult(False, dict(e), summary)
     if not new:
         return BdResult(True, None, summary)
     return BdResult(True, {**e, "sjd": encrypt_sjd(dumps_signals(new), asid)}, summary)
+
+
+def process_bd_e_string(
+    e_text: str, *, strip_ids: IdSelector | None = None, retime: Retimer | None = None
+) -> tuple[bool, str | None, SignalSummary]:
+    """process_bd_post on the post's `e` JSON string; a changed `e` is written back as JSON.stringify
+    would (compact, same key order). The string is None when the post should be dropped."""
+    if not isinstance(e_text, str):
+        raise SignalsError(f"e must be a JSON string, not {type(e_text).__name__}")
+    try:
+        e = json.loads(e_text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as err:
+        raise SignalsError(f"e is not JSON: {err}") from None
+    res = process_bd_post(e, strip_ids=strip_ids, retime=retime)
+    if not res.changed:
+        return False, e_text, res.summary
+    return True, None if res.e is None else js_dumps(res.e), res.summary
