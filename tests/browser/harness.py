@@ -48,8 +48,9 @@ def free_port() -> int:
 def spki_sha256_b64(cert_pem: bytes) -> str:
     """What Chromium's --ignore-certificate-errors-spki-list wants: base64(sha256(SubjectPublicKeyInfo))."""
     cert = x509.load_pem_x509_certificate(cert_pem)
-    spki = cert.public_key().public_bytes(serialization.Encoding.DER,
-                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     return base64.b64encode(hashlib.sha256(spki).digest()).decode()
 
 
@@ -69,21 +70,38 @@ class Proxy:
 
 
 def proxy_command(kind: str, port: int, confdir: Path, fixture_port: int, journal: Path | None) -> list[str]:
-    passthrough = ["-s", str(ROUTE_ADDON), "--set", f"confdir={confdir}",
-                   "--set", f"kvtest_upstream=127.0.0.1:{fixture_port}"]
+    passthrough = [
+        "-s",
+        str(ROUTE_ADDON),
+        "--set",
+        f"confdir={confdir}",
+        "--set",
+        f"kvtest_upstream=127.0.0.1:{fixture_port}",
+    ]
     for opt in OFFLINE_SETS:
         passthrough += ["--set", opt]
     if kind == "keyveil":
         assert journal is not None
-        return [sys.executable, "-m", "keyveil.cli", "run", "--listen-port", str(port),
-                "--log", str(journal), "--", *passthrough]
+        return [
+            sys.executable,
+            "-m",
+            "keyveil.cli",
+            "run",
+            "--listen-port",
+            str(port),
+            "--log",
+            str(journal),
+            "--",
+            *passthrough,
+        ]
     mitmdump = shutil.which("mitmdump") or str(Path(sys.executable).with_name("mitmdump"))
     return [mitmdump, "--listen-host", "127.0.0.1", "--listen-port", str(port), *passthrough]
 
 
 @contextmanager
-def run_proxy(kind: str, workdir: Path, fixture_port: int, journal: Path | None = None,
-              timeout: float = 30.0) -> Iterator[Proxy]:
+def run_proxy(
+    kind: str, workdir: Path, fixture_port: int, journal: Path | None = None, timeout: float = 30.0
+) -> Iterator[Proxy]:
     """Start the proxy, wait until it listens and its CA exists; stop it with SIGINT (journal flush)."""
     port = free_port()
     confdir = workdir / f"{kind}-confdir"
@@ -91,8 +109,13 @@ def run_proxy(kind: str, workdir: Path, fixture_port: int, journal: Path | None 
     log_path = workdir / f"{kind}.log"
     cmd = proxy_command(kind, port, confdir, fixture_port, journal)
     with open(log_path, "wb") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO_DIR,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            cmd,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_DIR,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     proxy = Proxy(proc, port, confdir, log_path)
     try:
         deadline = time.monotonic() + timeout
@@ -129,10 +152,17 @@ def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
 
 def chromium_args(proxy_port: int, spki: str) -> list[str]:
     return [
-        "--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--no-sandbox",
+        "--headless",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
         "--disable-features=HttpsUpgrades,MediaRouter,OptimizationHints",
-        f"--proxy-server=127.0.0.1:{proxy_port}", "--proxy-bypass-list=<-loopback>",
+        f"--proxy-server=127.0.0.1:{proxy_port}",
+        "--proxy-bypass-list=<-loopback>",
         f"--ignore-certificate-errors-spki-list={spki}",
     ]
 
@@ -166,8 +196,12 @@ def visit(proxy_port: int, spki: str, artifacts: Path | None, tag: str, profile:
     out = Visit()
     with sync_playwright() as pw:
         ctx = pw.chromium.launch_persistent_context(
-            str(profile), executable_path=CHROMIUM, headless=True, args=chromium_args(proxy_port, spki),
-            viewport={"width": 1100, "height": 640})
+            str(profile),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=chromium_args(proxy_port, spki),
+            viewport={"width": 1100, "height": 640},
+        )
         try:
             page = ctx.pages[0] if ctx.pages else ctx.new_page()
             page.set_default_timeout(15_000)
@@ -194,7 +228,8 @@ def visit(proxy_port: int, spki: str, artifacts: Path | None, tag: str, profile:
             # let the vital queue flush (every second) and every send finish
             page.wait_for_function(
                 "() => { const d = document.getElementById('kv-status').dataset;"
-                " return d.pendingKeystroke === '0' && d.pendingClick === '0' && d.inflight === '0'; }")
+                " return d.pendingKeystroke === '0' && d.pendingClick === '0' && d.inflight === '0'; }"
+            )
             # a last gesture that the page can only report by beacon when it is left
             page.mouse.move(box["x"] + 60, box["y"] + 40, steps=6)
             page.wait_for_function("() => document.getElementById('kv-status').dataset.inflight === '0'")
@@ -214,7 +249,8 @@ def visit(proxy_port: int, spki: str, artifacts: Path | None, tag: str, profile:
             page.click("#subscribe")
             page.wait_for_function(
                 "() => { const d = document.getElementById('pixel-status').dataset;"
-                " return d.hits === '2' && d.pending === '0'; }")
+                " return d.hits === '2' && d.pending === '0'; }"
+            )
             out.shop = _dataset(page, "#pixel-status")
             if artifacts:
                 shot = artifacts / f"{tag}-shop.png"
@@ -231,11 +267,21 @@ def screenshot_file(html: Path, png: Path, profile: Path) -> None:
 
     with sync_playwright() as pw:
         ctx = pw.chromium.launch_persistent_context(
-            str(profile), executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--proxy-server=127.0.0.1:9",
-                  "--proxy-bypass-list=<-loopback>"],
-            viewport={"width": 1100, "height": 800})
+            str(profile),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--proxy-server=127.0.0.1:9",
+                "--proxy-bypass-list=<-loopback>",
+            ],
+            viewport={"width": 1100, "height": 800},
+        )
         try:
             page = ctx.pages[0] if ctx.pages else ctx.new_page()
             page.goto(html.resolve().as_uri())
