@@ -42,6 +42,7 @@ class Endpoint:
     methods: frozenset[str] = frozenset()
     codec: str = "auto"
     answer: str = "banzai"
+    category: str | None = None  # what the whole body counts as when nothing finer is found
     note: str = ""
 
     @property
@@ -216,6 +217,7 @@ def parse_catalog(text: str, source: str = "<string>") -> Catalog:
                 methods=frozenset(m.upper() for m in _str_list(raw, "methods", where)),
                 codec=codec,
                 answer=answer,
+                category=raw.get("category"),
                 note=str(raw.get("note", "")),
             )
         )

@@ -90,10 +90,7 @@ class Series:
     scale: float  # multiply values by this to get milliseconds
 
     def values_ms(self) -> np.ndarray:
-        if self.column is None:
-            vals = self.container
-        else:
-            vals = [item[self.column] for item in self.container]
+        vals = self.container if self.column is None else [item[self.column] for item in self.container]
         return np.asarray(vals, dtype=np.float64) * self.scale
 
 
@@ -308,9 +305,7 @@ class _Walk:
         """Collect vocabulary and shape evidence anywhere below a unit."""
         if depth > 256:
             return
-        if isinstance(v, Layer):
-            self._scan(v.value, cats, signals, series, depth + 1)
-        elif isinstance(v, Field):
+        if isinstance(v, (Layer, Field)):
             self._scan(v.value, cats, signals, series, depth + 1)
         elif isinstance(v, dict):
             if "tos_array" in v:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import re
 from typing import Any
@@ -128,10 +129,8 @@ class Decoder:
             m = _DISPOSITION_NAME.search(head)
             name = m.group(1).decode("utf-8", "replace") if m else ""
             value: Any = content
-            try:
+            with contextlib.suppress(UnicodeDecodeError):
                 value = content.decode("utf-8")
-            except UnicodeDecodeError:
-                pass
             field = Field(name, value, piece, headers=head)
             if isinstance(value, str) and value:
                 field.value = self._string(value, layer, depth + 1, as_bytes=content)

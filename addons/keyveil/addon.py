@@ -1,0 +1,208 @@
+"""The mitmproxy addon: a thin adapter between mitmproxy's hooks and keyveil's pipeline.
+
+Load it with `mitmdump -s addons/keyveil_addon.py` or through `keyveil run`. Every option is a
+`--set keyveil_*=...` option; `mitmdump --options` lists them with their help.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from mitmproxy import command, ctx, exceptions, http
+
+from keyveil.catalog import ConfigError
+from keyveil.codecs import Limits
+from keyveil.config import default_config_dir, default_state_dir
+from keyveil.pipeline import Outcome, Pipeline, Request
+
+log = logging.getLogger("keyveil")
+
+LIVE_HOST = "keyveil"  # http://keyveil/ through the proxy shows the live summary
+OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are decoded in a worker thread
+
+
+class Keyveil:
+    def __init__(self) -> None:
+        self.pipeline: Pipeline | None = None
+        self.journal = None
+        self.live = None
+        self.counts: dict[str, int] = {}
+        self._journal_path: str | None = None
+
+    # -- options -------------------------------------------------------------------------------
+    def load(self, loader) -> None:
+        loader.add_option(
+            "keyveil_config", str, str(default_config_dir()),
+            "Folder with keyveil's endpoints.toml, detection.toml and policy.toml.",
+        )
+        loader.add_option(
+            "keyveil_mode", str, "",
+            "enforce: drop, strip or rewrite as the policy says. audit: change nothing and journal what "
+            "would have happened. Empty: the mode written in policy.toml.",
+        )
+        loader.add_option(
+            "keyveil_log", str, str(default_state_dir() / "journal"),
+            "The journal: a folder (rotated files) or a file path. Empty disables journaling.",
+        )
+        loader.add_option(
+            "keyveil_journal_detail", str, "summary",
+            "summary: counts, categories and coarse statistics only. full: also keep per-event detail "
+            "(reports say so).",
+        )
+        loader.add_option(
+            "keyveil_intercept_all", bool, False,
+            "Intercept TLS for every host. By default only the catalog's Meta hosts are intercepted and all "
+            "other traffic is tunnelled untouched.",
+        )
+        loader.add_option("keyveil_max_body", int, Limits.max_body, "Largest request body inspected, in bytes.")
+        loader.add_option(
+            "keyveil_max_decompressed", int, Limits.max_decompressed,
+            "Largest output of any one decompression inside a payload, in bytes.",
+        )
+        loader.add_option("keyveil_max_depth", int, Limits.max_depth, "Deepest nesting of containers and encodings.")
+
+    def configure(self, updated: set[str]) -> None:
+        opts = ctx.options
+        if not updated or updated & {
+            "keyveil_config", "keyveil_mode", "keyveil_max_body", "keyveil_max_decompressed", "keyveil_max_depth",
+        }:
+            mode = opts.keyveil_mode or None
+            if mode not in (None, "enforce", "audit"):
+                raise exceptions.OptionsError(f"keyveil_mode must be enforce or audit, not {mode!r}")
+            limits = Limits(
+                max_body=opts.keyveil_max_body,
+                max_decompressed=opts.keyveil_max_decompressed,
+                max_depth=opts.keyveil_max_depth,
+            )
+            try:
+                # a bad reload raises here; mitmproxy rolls the option back and we keep the old pipeline
+                self.pipeline = Pipeline.from_config_dir(opts.keyveil_config, limits=limits, mode=mode)
+            except ConfigError as e:
+                raise exceptions.OptionsError(f"keyveil: {e}") from None
+        if not updated or updated & {"keyveil_log", "keyveil_journal_detail"}:
+            if opts.keyveil_journal_detail not in ("summary", "full"):
+                raise exceptions.OptionsError("keyveil_journal_detail must be summary or full")
+            self._open_journal(opts.keyveil_log, opts.keyveil_journal_detail)
+        if not updated or updated & {"keyveil_intercept_all", "keyveil_config"}:
+            self._scope_interception()
+
+    def _open_journal(self, path: str, detail: str) -> None:
+        if self.journal is not None and path == self._journal_path:
+            return
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
+        self._journal_path = path
+        if not path:
+            return
+        from keyveil.journal import JournalWriter
+
+        self.journal = JournalWriter(path, detail=detail)
+
+    def _scope_interception(self) -> None:
+        opts = ctx.options
+        if self.pipeline is None or opts.keyveil_intercept_all:
+            return
+        if opts.ignore_hosts or (opts.allow_hosts and not getattr(self, "_set_allow", False)):
+            return  # the user scoped interception themselves
+        regex = self.pipeline.catalog.intercept_regex()
+        if list(opts.allow_hosts) != [regex]:
+            self._set_allow = True
+            opts.update(allow_hosts=[regex])
+
+    def _ensure(self) -> Pipeline:
+        """State for hosts that add the addon without sending configure (master.addons.add)."""
+        if self.pipeline is None:
+            self.pipeline = Pipeline.from_config_dir(default_config_dir())
+        return self.pipeline
+
+    def running(self) -> None:
+        p = self._ensure()
+        eps = p.catalog.endpoints
+        log.info(
+            "keyveil: protecting %d Meta endpoints on %d host suffixes (%s mode)",
+            len(eps), len(p.catalog.host_suffixes()), p.mode,
+        )
+
+    # -- hooks ---------------------------------------------------------------------------------
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        try:
+            await self._request(flow)
+        except Exception:  # a hook must never raise into mitmproxy: pass the flow unchanged
+            log.exception("keyveil: internal error on %s; passing the request unchanged", flow.request.pretty_url)
+            self._count("failed")
+
+    async def _request(self, flow: http.HTTPFlow) -> None:
+        req = flow.request
+        host = req.pretty_host
+        if host == LIVE_HOST:
+            self._live_page(flow)
+            return
+        pipeline = self.pipeline or self._ensure()
+        match = pipeline.match(host, req.path, req.method)
+        if match is None:
+            return  # not Meta: not even looked at
+        try:
+            body = req.content or b""
+        except ValueError:  # broken content-encoding: inspect the raw bytes, the pipeline decides
+            body = req.raw_content or b""
+        preq = Request(req.method, req.pretty_url, req.headers, body, time.time())
+        if len(body) > OFF_LOOP_BYTES:
+            outcome = await asyncio.to_thread(pipeline.process, preq, match)
+        else:
+            outcome = pipeline.process(preq, match)
+        self._apply(flow, outcome)
+
+    def _apply(self, flow: http.HTTPFlow, outcome: Outcome) -> None:
+        flow.metadata["keyveil"] = outcome.action
+        if outcome.record is not None:
+            self._count(outcome.action)
+            if self.journal is not None:
+                self.journal.write(outcome.record)
+            if self.live is not None:
+                self.live.add(outcome.record)
+        if outcome.answer is not None:
+            a = outcome.answer
+            flow.response = http.Response.make(a.status, a.body, a.headers)
+            return
+        if outcome.url is not None:
+            flow.request.url = outcome.url
+        if outcome.body is not None:
+            flow.request.content = outcome.body
+
+    def _count(self, action: str) -> None:
+        self.counts[action] = self.counts.get(action, 0) + 1
+
+    def _live_page(self, flow: http.HTTPFlow) -> None:
+        if self.live is None:
+            body = _plain_summary(self.counts).encode()
+            flow.response = http.Response.make(200, body, {"content-type": "text/html; charset=utf-8"})
+            return
+        flow.response = http.Response.make(
+            200, self.live.render_html(), {"content-type": "text/html; charset=utf-8", "cache-control": "no-store"}
+        )
+
+    def done(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
+
+    # -- commands ------------------------------------------------------------------------------
+    @command.command("keyveil.counts")
+    def counts_cmd(self) -> str:
+        """What keyveil has done since the proxy started, as action=count pairs."""
+        return " ".join(f"{k}={v}" for k, v in sorted(self.counts.items())) or "nothing yet"
+
+
+def _plain_summary(counts: dict[str, int]) -> str:
+    rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in sorted(counts.items()))
+    return f"<!doctype html><title>keyveil</title><h1>keyveil</h1><table>{rows}</table>"
+
+
+def journal_path_of(addon: Keyveil) -> Path | None:
+    return Path(addon._journal_path) if addon._journal_path else None
