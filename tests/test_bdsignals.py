@@ -6,7 +6,10 @@ import base64
 import json
 import random
 import re
+import shutil
 import statistics
+import struct
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -430,3 +433,72 @@ def test_process_bd_post_only_raises_signals_error(e: dict[str, Any], strip: set
     except SignalsError:
         return
     assert isinstance(res.changed, bool)
+
+
+@pytest.mark.parametrize(
+    ("value", "js"),
+    [
+        (1.0, "1"),
+        (-0.0, "0"),
+        (2.5, "2.5"),
+        (1737333755.49, "1737333755.49"),
+        (1e-7, "1e-7"),
+        (1.5e-6, "0.0000015"),
+        (1e20, "100000000000000000000"),
+        (1.2345678901234568e20, "123456789012345680000"),
+        (9007199254740994.0, "9007199254740994"),
+        (1e21, "1e+21"),
+        (-1.5e300, "-1.5e+300"),
+        (float("inf"), "null"),
+        ("x\ud800y", '"x\\ud800y"'),
+        ("é\u2028\n", '"é\u2028\\n"'),
+    ],
+)
+def test_js_dumps_matches_json_stringify(value: Any, js: str) -> None:
+    # Expected strings are what V8's JSON.stringify prints for the same value.
+    assert js_dumps([value]) == f"[{js}]"
+    assert js_dumps({"k": [value, {"n": None}]}) == f'{{"k":[{js},{{"n":null}}]}}'
+
+
+def _random_json(rng: random.Random, depth: int = 0) -> Any:
+    kind = rng.randrange(9 if depth < 3 else 6)
+    if kind == 0:
+        return rng.choice([None, True, False])
+    if kind == 1:
+        return rng.randint(-(2**53), 2**53)
+    if kind in (2, 3):  # any finite double, from random bits, or a ms-precision epoch
+        if kind == 3:
+            return rng.randint(1_600_000_000_000, 1_800_000_000_000) / 1000
+        while True:
+            x = struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))[0]
+            if x == x and abs(x) != float("inf"):
+                return x
+    if kind == 4:
+        return rng.choice([0.1, 1e-7, 1.5e-6, 123e-9, 1e16, 2.0**53 + 2, 1e21, 5e-324, -0.0, 100.0])
+    if kind == 5:
+        alphabet = 'ab"\\\n\t\x00\x1f\x7fé€\u2028😀\ud800\udfff'
+        return "".join(rng.choice(alphabet) for _ in range(rng.randrange(8)))
+    if kind in (6, 7):
+        return [_random_json(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {str(rng.randrange(40000)): _random_json(rng, depth + 1) for _ in range(rng.randrange(4))}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_js_dumps_agrees_with_node_json_stringify() -> None:
+    rng = random.Random(2025)
+    values = [_random_json(rng) for _ in range(600)]
+    # Feed node ASCII-escaped JSON (exact for every double); it answers JSON.stringify of each.
+    lines = "\n".join(json.dumps(v, ensure_ascii=True) for v in values)
+    script = (
+        "const lines=require('fs').readFileSync(0,'utf8').split('\\n');"
+        "process.stdout.write(lines.map(l=>JSON.stringify(JSON.stringify(JSON.parse(l)))).join('\\n'))"
+    )
+    out = subprocess.run(
+        ["node", "-e", script], input=lines, capture_output=True, text=True, timeout=50, check=True
+    )
+    # node's answers are themselves JSON strings (so lone surrogates survive the pipe).
+    expected = [json.loads(line) for line in out.stdout.split("\n")]
+    assert len(expected) == len(values)
+    mismatches = [(v, js_dumps(v), e) for v, e in zip(values, expected, strict=True) if js_dumps(v) != e]
+    assert mismatches == []

@@ -14,6 +14,7 @@ import binascii
 import json
 import math
 import numbers
+import re
 import statistics
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -183,8 +184,50 @@ def _js_number(x: float) -> str:
     return f"{minus}{mantissa}e{'+' if e >= 0 else '-'}{abs(e)}"
 
 
-def js_dumps(obj: Any) -> str:
-    """JSON.stringify(obj): compact, keys in dict order, JS number formatting, no ASCII escaping."""
+class _Slow(Exception):
+    """A value the C encoder would write differently from JSON.stringify."""
+
+
+_INT_EXACT = 2.0**53
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _is_array_index(key: str) -> bool:
+    return key.isdigit() and key.isascii() and (key == "0" or key[0] != "0") and int(key) < 2**32 - 1
+
+
+def _js_items(obj: Mapping[Any, Any]) -> list[tuple[str, Any]]:
+    """Items in JavaScript property order: array-index keys ascending, then the rest as inserted."""
+    items = [(str(k), v) for k, v in obj.items()]
+    index = [kv for kv in items if _is_array_index(kv[0])]
+    if not index:
+        return items
+    index.sort(key=lambda kv: int(kv[0]))
+    return index + [kv for kv in items if not _is_array_index(kv[0])]
+
+
+def _for_c_encoder(obj: Any) -> Any:
+    # Python's repr and JS agree on plain decimals; they differ on exponents and on "2.0" vs "2".
+    if isinstance(obj, float):
+        if not math.isfinite(obj) or "e" in repr(obj):
+            raise _Slow
+        if obj.is_integer():
+            if abs(obj) >= _INT_EXACT:  # JS prints the shortest digits, not the exact integer
+                raise _Slow
+            return int(obj)
+        return obj
+    if isinstance(obj, str | int) or obj is None:
+        return obj
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise _Slow
+        return {k: _for_c_encoder(v) for k, v in _js_items(obj)}
+    if isinstance(obj, list):
+        return [_for_c_encoder(v) for v in obj]
+    raise _Slow
+
+
+def _js_dumps_slow(obj: Any) -> str:
     if obj is None:
         return "null"
     if obj is True:
@@ -198,10 +241,21 @@ def js_dumps(obj: Any) -> str:
     if isinstance(obj, str):
         return json.dumps(obj, ensure_ascii=False)
     if isinstance(obj, Mapping):
-        return "{" + ",".join(f"{js_dumps(str(k))}:{js_dumps(v)}" for k, v in obj.items()) + "}"
+        return "{" + ",".join(f"{_js_dumps_slow(k)}:{_js_dumps_slow(v)}" for k, v in _js_items(obj)) + "}"
     if isinstance(obj, list | tuple):
-        return "[" + ",".join(js_dumps(v) for v in obj) + "]"
+        return "[" + ",".join(_js_dumps_slow(v) for v in obj) + "]"
     raise SignalsError(f"cannot serialize {type(obj).__name__}")
+
+
+def js_dumps(obj: Any) -> str:
+    """JSON.stringify(obj): compact, JS key order (integer keys first, ascending), JS number formatting,
+    no ASCII escaping except lone surrogates. Uses the C encoder when every number prints the same in both languages."""
+    try:
+        text = json.dumps(_for_c_encoder(obj), ensure_ascii=False, separators=(",", ":"))
+    except _Slow:
+        text = _js_dumps_slow(obj)
+    # Only strings can hold surrogates; after parsing, any left are unpaired: JS escapes those.
+    return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def dumps_signals(signals: Mapping[str, Any]) -> bytes:
