@@ -100,6 +100,23 @@ def test_parse_mode() -> None:
         wireguard.parse_mode("socks5@1080")
 
 
+def test_client_config_for_mode_resolves_like_mitmproxy(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(wireguard, "default_endpoint_host", lambda: "192.0.2.7")
+
+    def endpoint(spec: str, host: str | None = None, port: int | None = None) -> str:
+        return parse_conf(wireguard.client_config_for_mode(spec, tmp_path, host, port))["Peer"]["Endpoint"]
+
+    assert endpoint("wireguard") == "192.0.2.7:51820"
+    assert endpoint("wireguard", "0.0.0.0", 8080) == "192.0.2.7:8080"  # global listen options apply
+    assert endpoint("wireguard@51999", "10.9.9.9", 8080) == "10.9.9.9:51999"
+    assert endpoint("wireguard@[::]:5000") == "192.0.2.7:5000"
+    custom = tmp_path / "elsewhere" / "wg.json"
+    conf = wireguard.client_config_for_mode(f"wireguard:{custom}@10.0.0.2:5001", tmp_path)
+    keys = json.loads(custom.read_text())
+    assert parse_conf(conf)["Interface"]["PrivateKey"] == keys["client_key"]
+    assert parse_conf(conf)["Peer"]["Endpoint"] == "10.0.0.2:5001"
+
+
 async def _mitmproxy_client_conf(confdir: Path, port: int) -> str:
     from mitmproxy.addons.proxyserver import Proxyserver
     from mitmproxy.proxy.mode_servers import ServerInstance

@@ -147,7 +147,30 @@ def client_config(
     default route, as mitmproxy does). `keys_file`: the PATH of `--mode wireguard:PATH`, if given.
     """
     keys = load_or_create_keys(keys_path(confdir, str(keys_file) if keys_file else None))
-    return render_client_config(keys, endpoint_host or default_endpoint_host(), port)
+    if not endpoint_host or endpoint_host.strip("[]") in _WILDCARDS:
+        endpoint_host = default_endpoint_host()
+    return render_client_config(keys, endpoint_host, port)
+
+
+_WILDCARDS = ("", "0.0.0.0", "::")
+
+
+def client_config_for_mode(
+    spec: str,
+    confdir: str | Path,
+    listen_host: str | None = None,
+    listen_port: int | None = None,
+) -> str:
+    """The client configuration for mitmproxy mode `spec` (`wireguard[:PATH][@[HOST:]PORT]`),
+    resolving host and port as mitmproxy does: the spec's own, else `listen_host`/`listen_port`
+    (mitmproxy's global options), else all interfaces and 51820. A wildcard or missing host becomes
+    this machine's address on its default route."""
+    data, host, port = parse_mode(spec)
+    if "@" not in spec and listen_port is not None:
+        port = listen_port
+    if host is None:
+        host = listen_host
+    return client_config(confdir, host, port, keys_file=data)
 
 
 def parse_mode(spec: str) -> tuple[str | None, str | None, int]:
