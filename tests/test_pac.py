@@ -213,3 +213,81 @@ def test_cli_writes_pac_file(tmp_path, capsys) -> None:
     (tmp_path / "endpoints.toml").write_text("[apps\n")
     assert cli.main(["pac", "--config", str(tmp_path)]) == 1
     assert "endpoints.toml" in capsys.readouterr().err
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+class _Recorder:
+    """A local HTTP server that answers every request with its tag and remembers what it saw."""
+
+    def __init__(self, tag: str, seen: list[tuple[str, str, str]]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                seen.append((tag, self.path, self.headers.get("Host", "")))
+                body = f"<html><body>{tag}</body></html>".encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed")
+@pytest.mark.timeout(90)
+def test_chromium_follows_the_served_pac(catalog, tmp_path) -> None:
+    """Real Chromium with --proxy-pac-url: Meta hosts reach the (stand-in) proxy, others go direct.
+    Every name resolves to 127.0.0.1 or nowhere: nothing leaves the machine."""
+    seen: list[tuple[str, str, str]] = []
+    proxy, direct = _Recorder("proxied", seen), _Recorder("direct", seen)
+    pac = serve_pac("127.0.0.1", 0, lambda: pac_script(catalog, "127.0.0.1", proxy.port))
+    try:
+        pages = {}
+        for url in ("http://www.facebook.com/x", "http://example.org/y", "http://keyveil/"):
+            proc = subprocess.run(
+                [
+                    str(CHROMIUM),
+                    "--headless=new",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}",
+                    f"--proxy-pac-url={pac.url}",
+                    f"--host-resolver-rules=MAP example.org 127.0.0.1:{direct.port}, MAP * ~NOTFOUND, "
+                    "EXCLUDE 127.0.0.1",
+                    "--dump-dom",
+                    url,
+                ],  # fmt: skip
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            pages[url] = proc.stdout
+    finally:
+        pac.close()
+        proxy.close()
+        direct.close()
+    assert "<body>proxied</body>" in pages["http://www.facebook.com/x"]
+    assert "<body>direct</body>" in pages["http://example.org/y"]
+    assert "<body>proxied</body>" in pages["http://keyveil/"]
+    # a proxy gets the absolute URL; the direct server only the path
+    assert ("proxied", "http://www.facebook.com/x", "www.facebook.com") in seen
+    assert ("direct", "/y", "example.org") in seen
+    assert not [s for s in seen if s[0] == "direct" and "facebook" in s[2]]
