@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from keyveil.detect import Finding, Series
+from keyveil import bdsignals
+from keyveil.detect import Finding, Series, bd_e_layer
 
 try:  # the timing rewriter is optional at import time: without it, rewrite falls back to strip
     from keyveil import timing
@@ -41,13 +42,42 @@ class Rewriter:
         return self.cfg is not None
 
     def rewrite(self, finding: Finding, not_after_ms: float | None = None) -> bool:
-        if self.cfg is None or not finding.series:
+        if self.cfg is None or not (finding.series or "decrypted" in finding.signals):
             return False
         rng = timing.make_rng(self.cfg, self.session_seed)
+        if finding.route and finding.route.endswith("bd_pdc_signals"):
+            return self._bd(finding, rng, not_after_ms)
         done = False
         for s in finding.series:
             done |= self._series(s, rng, not_after_ms)
         return done
+
+    def _bd(self, finding: Finding, rng: Any, not_after_ms: float | None) -> bool:
+        """Re-time the 30100 key records inside the encrypted signals and re-encrypt them."""
+        e = bd_e_layer(finding.data[1])
+        if e is None:
+            return False
+
+        def retime(series: bdsignals.KeystrokeSeries) -> list[float | None]:
+            idx = [i for i, t in enumerate(series.times) if t is not None]
+            out: list[float | None] = [None] * len(series.times)
+            if len(idx) < 2:
+                return out
+            old = np.asarray([series.times[i] for i in idx], dtype=np.float64) * 1000.0
+            new = timing.rewrite_times(old, self.cfg, rng, kind="keystroke", not_after=not_after_ms)
+            for i, v in zip(idx, np.asarray(new) / 1000.0, strict=True):
+                out[i] = float(v)
+            return out
+
+        try:
+            res = bdsignals.process_bd_post(e.value, retime=retime)
+        except bdsignals.SignalsError:
+            return False
+        if not res.changed or res.e is None:
+            return False
+        e.value = res.e
+        e.dirty = True
+        return True
 
     def _series(self, s: Series, rng: Any, not_after_ms: float | None) -> bool:
         old = s.values_ms()
@@ -78,10 +108,40 @@ def _write_back(s: Series, values: np.ndarray) -> None:
             item[s.column] = conv(item[s.column], v)
 
 
-def apply_plan(findings: list[Finding], actions: list[str], rewriter: Rewriter, not_after_ms: float | None = None) -> ApplyResult:
+def _bd_strip(f: Finding, ids: frozenset[int]) -> bool | None:
+    """Strip chosen signal ids from a bd_pdc_signals post. True: changed in place; None: the post
+    is left with nothing and must go; False: not applicable."""
+    e = bd_e_layer(f.data[1]) if isinstance(f.data, list) else None
+    if e is None:
+        return False
+    try:
+        res = bdsignals.process_bd_post(e.value, strip_ids=ids)
+    except bdsignals.SignalsError:
+        return False
+    if res.e is None:
+        return None
+    if res.changed:
+        e.value = res.e
+        e.dirty = True
+    return True
+
+
+def apply_plan(
+    findings: list[Finding],
+    actions: list[str],
+    rewriter: Rewriter,
+    not_after_ms: float | None = None,
+    bd_strip_ids: frozenset[int] = frozenset(),
+) -> ApplyResult:
     result = ApplyResult()
     removals: dict[int, tuple[Any, Any, list[Any]]] = {}
     for f, act in zip(findings, actions, strict=True):
+        if act == "strip" and bd_strip_ids and f.route and f.route.endswith("bd_pdc_signals"):
+            done = _bd_strip(f, bd_strip_ids)
+            if done:
+                result.stripped += 1
+                continue
+            # None (nothing left) or False (not decryptable): remove the whole post
         if act == "rewrite":
             if rewriter.rewrite(f, not_after_ms):
                 if f.owner is not None:

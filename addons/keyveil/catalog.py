@@ -104,18 +104,23 @@ class Catalog:
         qpos = path.find("?")
         if qpos >= 0:
             path = path[:qpos]
-        by_host = self._by_host
+        method = method.upper()
+        candidates: list[Endpoint] = []
         h = host
         while True:
-            for ep in by_host.get(h, ()):
-                if ep.methods and method.upper() not in ep.methods:
-                    continue
-                if ep.matches_path(path):
-                    return Match(app=ep.app or app, endpoint=ep)
+            candidates.extend(self._by_host.get(h, ()))
             dot = h.find(".")
             if dot < 0:
                 break
             h = h[dot + 1 :]
+        candidates = [ep for ep in candidates if not ep.methods or method in ep.methods]
+        # an exact path beats a prefix or a glob, whichever entry comes first in the file
+        for ep in candidates:
+            if path in ep.paths:
+                return Match(app=ep.app or app, endpoint=ep)
+        for ep in candidates:
+            if ep.matches_path(path):
+                return Match(app=ep.app or app, endpoint=ep)
         return Match(app=app, endpoint=None)
 
     def endpoint(self, name: str) -> Endpoint | None:

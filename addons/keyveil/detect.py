@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from keyveil import bdsignals
 from keyveil.catalog import ConfigError
 from keyveil.codecs.tree import Field, Layer
 
@@ -105,6 +106,7 @@ class Finding:
     key: Any
     series: list[Series] = field(default_factory=list)
     data: Any = None  # the unit itself, for format-specific handlers (bd_pdc_signals...)
+    stats: dict[str, int] = field(default_factory=dict)  # coarse, from format handlers
 
     @property
     def category(self) -> str:
@@ -136,10 +138,13 @@ class Detection:
         """Coarse statistics for the journal: never raw values."""
         gaps = [np.diff(np.sort(s.values_ms())) for f in self.findings for s in f.series if s.category == "keystroke"]
         gaps = [g for g in gaps if g.size]
-        if not gaps:
-            return {}
-        med = float(np.median(np.concatenate(gaps)))
-        return {"keystroke_median_gap_ms": int(round(med / 10.0) * 10)}
+        out: dict[str, int] = {}
+        for f in self.findings:
+            out.update(f.stats)
+        if gaps:
+            med = float(np.median(np.concatenate(gaps)))
+            out["keystroke_median_gap_ms"] = int(round(med / 10.0) * 10)
+        return out
 
     @property
     def behavioral(self) -> bool:
@@ -270,7 +275,10 @@ class _Walk:
         if _is_post(lst):
             route = lst[0]
             cats, signals, series = self._classify_unit(route, lst[1])
-            self.out.append(Finding("post", route, cats, signals, owner, container, key, series, lst))
+            finding = Finding("post", route, cats, signals, owner, container, key, series, lst)
+            if route.endswith("bd_pdc_signals"):
+                _bd_classify(finding, lst[1])
+            self.out.append(finding)
             return
         for i, item in enumerate(lst):
             if isinstance(item, list):
@@ -387,6 +395,31 @@ class _Walk:
                     cat = types.pop()
                 return cat, n, [Series(cat, lst, k, shaped[1])]
         return None
+
+
+def bd_e_layer(data: Any) -> Layer | None:
+    """The decoded `e` of a bd_pdc_signals post: {"asid", "sjd", ...}, or None."""
+    e = data.get("e") if isinstance(data, dict) else None
+    if isinstance(e, Layer) and isinstance(e.value, dict) and "asid" in e.value and "sjd" in e.value:
+        return e
+    return None
+
+
+def _bd_classify(finding: Finding, data: Any) -> None:
+    """Decrypt Meta's bot-detection signals: what they hold decides the categories."""
+    e = bd_e_layer(data)
+    if e is None:
+        return
+    try:
+        summary = bdsignals.process_bd_post(e.value).summary
+    except bdsignals.SignalsError:
+        finding.signals.add("undecryptable")
+        return
+    cats = {c: n for c, n in summary.categories.items() if n}
+    if cats:
+        finding.categories = cats
+    finding.signals.add("decrypted")
+    finding.stats = summary.stats()
 
 
 def _is_post(lst: list) -> bool:

@@ -172,7 +172,13 @@ class Pipeline:
         record: dict[str, Any],
         detection: Detection,
     ) -> Outcome:
-        result = apply.apply_plan(findings, plan.actions, self.rewriter, not_after_ms=(req.ts or time.time()) * 1000)
+        result = apply.apply_plan(
+            findings,
+            plan.actions,
+            self.rewriter,
+            not_after_ms=(req.ts or time.time()) * 1000,
+            bd_strip_ids=self.policy.bd_strip_ids,
+        )
         new_body = new_url = None
         if body_layer is not None and body_layer.changed():
             out = body_layer.encode()

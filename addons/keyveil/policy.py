@@ -57,6 +57,7 @@ class Policy:
     allow_endpoints: frozenset[str] = frozenset()
     allow_hosts: tuple[str, ...] = ()
     rewrite: dict = field(default_factory=dict)
+    bd_strip_ids: frozenset[int] = frozenset()  # empty: a stripped bd_pdc_signals post goes whole
 
     def allowed(self, app: str, endpoint: str | None, host: str) -> bool:
         if app in self.allow_apps or (endpoint and endpoint in self.allow_endpoints):
@@ -153,6 +154,7 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
         allow_endpoints=frozenset(allow.get("endpoints", [])),
         allow_hosts=tuple(h.lower() for h in allow.get("hosts", [])),
         rewrite=dict(data.get("rewrite", {})),
+        bd_strip_ids=frozenset(int(i) for i in data.get("bd_pdc_signals", {}).get("strip_ids", [])),
     )
 
 
