@@ -244,20 +244,17 @@ def analyze_banzai(a: Arrival, f: Findings) -> None:
 # --------------------------------------------------------------------------------------------- server
 
 
-def make_cert(dirpath: Path) -> tuple[Path, Path]:
-    """A throwaway self-signed certificate; the proxy is told not to verify upstream (ssl_insecure)."""
+def make_cert(dirpath: Path, label: str, names: list[str]) -> tuple[Path, Path]:
+    """A throwaway self-signed certificate for `names`."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "keyveil browser fixture")])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"keyveil browser fixture ({label})")])
     now = datetime.datetime.now(datetime.UTC)
-    sans = [
-        x509.DNSName("www.facebook.com"),
-        x509.DNSName(SHOP_HOST),
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-    ]
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+    sans.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
     cert = (
         x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
+        .subject_name(subject)
+        .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -265,7 +262,7 @@ def make_cert(dirpath: Path) -> tuple[Path, Path]:
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .sign(key, hashes.SHA256())
     )
-    cert_path, key_path = dirpath / "fixture-cert.pem", dirpath / "fixture-key.pem"
+    cert_path, key_path = dirpath / f"{label}-cert.pem", dirpath / f"{label}-key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
         key.private_bytes(
@@ -329,9 +326,24 @@ class FixtureServer:
         self._lock = threading.Lock()
         self._tables_js = blowfish_tables_js().encode()
         self._tmp = tempfile.TemporaryDirectory(prefix="kv-fixture-")
-        cert, key = make_cert(Path(self._tmp.name))
+        # Two certificates, chosen by SNI. The Meta one is only ever seen by the proxy (which does not
+        # verify upstream: ssl_insecure). The shop one reaches the browser, because keyveil tunnels
+        # non-Meta TLS untouched, so the browser test trusts it by its SPKI pin. If keyveil ever
+        # tunnelled a Meta host, the browser would get the unpinned Meta certificate and fail loudly.
+        tmp = Path(self._tmp.name)
+        meta_cert, meta_key = make_cert(tmp, "meta", ["www.facebook.com", "connect.facebook.net"])
+        shop_cert, shop_key = make_cert(tmp, "shop", [SHOP_HOST])
+        self.shop_cert_pem: bytes = shop_cert.read_bytes()
         self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self._ctx.load_cert_chain(cert, key)
+        self._ctx.load_cert_chain(meta_cert, meta_key)
+        shop_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        shop_ctx.load_cert_chain(shop_cert, shop_key)
+
+        def by_sni(sock: ssl.SSLSocket, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+            if server_name == SHOP_HOST:
+                sock.context = shop_ctx
+
+        self._ctx.sni_callback = by_sni
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.socket = self._ctx.wrap_socket(self._httpd.socket, server_side=True)
         self._httpd.fixture = self

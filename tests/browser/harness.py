@@ -70,32 +70,25 @@ class Proxy:
 
 
 def proxy_command(kind: str, port: int, confdir: Path, fixture_port: int, journal: Path | None) -> list[str]:
-    passthrough = [
-        "-s",
-        str(ROUTE_ADDON),
-        "--set",
-        f"confdir={confdir}",
-        "--set",
-        f"kvtest_upstream=127.0.0.1:{fixture_port}",
-    ]
+    """`keyveil run` (the product) or plain mitmdump (the control), both with the route addon."""
+    passthrough = ["-s", str(ROUTE_ADDON), "--set", f"kvtest_upstream=127.0.0.1:{fixture_port}"]
     for opt in OFFLINE_SETS:
         passthrough += ["--set", opt]
     if kind == "keyveil":
         assert journal is not None
-        return [
-            sys.executable,
-            "-m",
-            "keyveil.cli",
-            "run",
-            "--listen-port",
-            str(port),
-            "--log",
-            str(journal),
-            "--",
-            *passthrough,
-        ]
+        run = ["run", "--listen-port", str(port), "--confdir", str(confdir), "--log", str(journal)]
+        return [sys.executable, "-m", "keyveil.cli", *run, "--", *passthrough]
     mitmdump = shutil.which("mitmdump") or str(Path(sys.executable).with_name("mitmdump"))
-    return [mitmdump, "--listen-host", "127.0.0.1", "--listen-port", str(port), *passthrough]
+    return [
+        mitmdump,
+        "--listen-host",
+        "127.0.0.1",
+        "--listen-port",
+        str(port),
+        "--set",
+        f"confdir={confdir}",
+        *passthrough,
+    ]
 
 
 @contextmanager
@@ -151,6 +144,8 @@ def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
 
 
 def chromium_args(proxy_port: int, spki: str) -> list[str]:
+    """`spki`: comma-separated pins; keyveil's CA, and the fixture's own certificate for the hosts that
+    keyveil does not intercept (the shop: its TLS is tunnelled to the fixture untouched)."""
     return [
         "--no-sandbox",
         "--headless",
@@ -302,7 +297,7 @@ def main() -> int:  # manual run: prints what the page sent and what arrived
         work = Path(tmp)
         journal = work / "journal.kvj"
         with run_proxy(kind, work, fx.port, journal) as proxy:
-            spki = spki_sha256_b64(proxy.ca_cert.read_bytes())
+            spki = spki_sha256_b64(proxy.ca_cert.read_bytes()) + "," + spki_sha256_b64(fx.shop_cert_pem)
             t = time.monotonic()
             v = visit(proxy.port, spki, artifacts, f"manual-{kind}", work / "profile")
             fx.wait_for(lambda a: any(x.path == "/ajax/bz" and b"beacon" in x.body for x in a), 3.0)
