@@ -25,6 +25,7 @@
   const stats = {
     sent: { keystroke: 0, click: 0, pointer: 0, scroll: 0 },
     gqlKeystroke: 0, pdcKeystroke: 0,
+    keystrokeValues: 0, // timing numbers about keys: one per 30100 record, keydown_ts, keyup_ts and dwell value
     ok: 0, failed: 0, inflight: 0, batches: 0, snappyBatches: 0, beacons: 0,
   };
   const vital = [];   // {post, counts}
@@ -62,6 +63,7 @@
     d.keystrokeSent = stats.sent.keystroke;
     d.keystrokeSentPdc = stats.pdcKeystroke;
     d.keystrokeSentGraphql = stats.gqlKeystroke;
+    d.keystrokeValuesSent = stats.keystrokeValues;
     d.clickSent = stats.sent.click;
     d.pointerSent = stats.sent.pointer;
     d.scrollSent = stats.sent.scroll;
@@ -190,7 +192,11 @@
 
   function credit(items) {
     for (const i of items) for (const k in i.counts) stats.sent[k] += i.counts[k];
-    for (const i of items) if (i.post[0] === "falco:bd_pdc_signals") stats.pdcKeystroke += i.counts.keystroke;
+    for (const i of items) {
+      if (i.post[0] !== "falco:bd_pdc_signals") continue;
+      stats.pdcKeystroke += i.counts.keystroke;
+      stats.keystrokeValues += i.counts.keystroke;
+    }
   }
 
   async function flush(queue) {
@@ -259,6 +265,7 @@
     const el = $("message-status");
     const metrics = { keydown_ts: downTimes, keyup_ts: upTimes, dwell: dwell };
     const keyEvents = downTimes.length + upTimes.length;
+    const keyValues = keyEvents + dwell.length;
     const now = Math.round(performance.now() * 10) / 10;
     const variables = { input: {
       client_mutation_id: String(req + 1), actor_id: USER,
@@ -293,6 +300,7 @@
       stats.ok += 1;
       stats.sent.keystroke += keyEvents;
       stats.gqlKeystroke += keyEvents;
+      stats.keystrokeValues += keyValues;
       el.dataset.state = "sent";
       el.dataset.messageId = mid;
       el.textContent = "Sent ✓ (" + mid + ")";
