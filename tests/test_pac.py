@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from keyveil import cli
 from keyveil.catalog import load_catalog, parse_catalog
 from keyveil.config import REPO_DIR
-from keyveil.pac import PAC_CONTENT_TYPE, pac_script, serve_pac
+from keyveil.pac import PAC_CONTENT_TYPE, catalog_pac_source, pac_script, serve_pac
 
 NODE = shutil.which("node")
 needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed")
@@ -121,6 +122,24 @@ def test_rejects_bad_proxy_arguments(catalog) -> None:
         pac_script(catalog, "127.0.0.1", 0)
     with pytest.raises(ValueError):
         pac_script(catalog, '127.0.0.1"; alert(1); "', 8080)
+
+
+@pytest.mark.timeout(30)
+def test_served_pac_follows_catalog_edits_and_survives_a_broken_one(tmp_path) -> None:
+    toml = tmp_path / "endpoints.toml"
+    toml.write_text('[apps]\n"facebook.com" = "facebook"\n')
+    with serve_pac("127.0.0.1", 0, catalog_pac_source(toml, "0.0.0.0", 8080)) as server:
+        first = _get("127.0.0.1", server.port, "/proxy.pac").body  # type: ignore[attr-defined]
+        assert b'"facebook.com"' in first and b"threads.net" not in first
+        assert b"PROXY 127.0.0.1:8080" in first  # wildcard listen address: local browsers use loopback
+        toml.write_text('[apps]\n"facebook.com" = "facebook"\n"threads.net" = "threads"\n')
+        os.utime(toml, ns=(1, 10**18))  # a distinct mtime even on coarse file systems
+        second = _get("127.0.0.1", server.port, "/proxy.pac").body  # type: ignore[attr-defined]
+        assert b'"threads.net"' in second
+        toml.write_text("[apps\n")
+        os.utime(toml, ns=(1, 2 * 10**18))
+        third = _get("127.0.0.1", server.port, "/proxy.pac")
+        assert third.status == 200 and third.body == second  # type: ignore[attr-defined]
 
 
 def _get(url_host: str, port: int, path: str, method: str = "GET") -> http.client.HTTPResponse:

@@ -13,8 +13,9 @@ import socket
 import threading
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
-from keyveil.catalog import Catalog
+from keyveil.catalog import Catalog, ConfigError, load_catalog
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,44 @@ def pac_script(
         proxy_js=json.dumps(proxy),
         suffixes_js=json.dumps(suffixes),
     )
+
+
+def catalog_pac_source(
+    endpoints_toml: str | Path, proxy_host: str, proxy_port: int, *, fallback_direct: bool = False
+) -> Callable[[], str]:
+    """A `get_text` for `serve_pac` that follows edits of endpoints.toml.
+
+    The catalog is re-read when the file's mtime or size changes; a broken edit keeps serving the
+    last good PAC (and logs why), so a typo never sends Meta's hosts direct. A wildcard proxy host
+    (0.0.0.0, ::) becomes 127.0.0.1, the address local browsers reach.
+    """
+    path = Path(endpoints_toml)
+    if proxy_host in ("", "0.0.0.0", "::"):
+        proxy_host = "127.0.0.1"
+    lock = threading.Lock()
+    state: dict[str, object] = {"stamp": None, "text": None}
+
+    def get_text() -> str:
+        with lock:
+            try:
+                st = path.stat()
+                stamp: object = (st.st_mtime_ns, st.st_size)
+            except OSError:
+                stamp = None
+            if stamp != state["stamp"] or state["text"] is None:
+                try:
+                    catalog = load_catalog(path)
+                    state["text"] = pac_script(
+                        catalog, proxy_host, proxy_port, fallback_direct=fallback_direct
+                    )
+                except ConfigError as e:
+                    if state["text"] is None:
+                        raise
+                    logger.warning("keyveil: PAC keeps the last good catalog: %s", e)
+                state["stamp"] = stamp
+            return str(state["text"])
+
+    return get_text
 
 
 # -- serving ---------------------------------------------------------------------------------------
