@@ -247,12 +247,19 @@ def _blend(orig: np.ndarray, draw: np.ndarray, strength: float, lo: float, hi: f
 
 
 def _vary(intervals: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Break a constant run (a bot signature): nudge the last interval by MIN_SPREAD_MS."""
+    """Break a constant run (a bot signature) by MIN_SPREAD_MS: move the second-to-last event later
+    (both ends kept), else shorten the last interval, else lengthen it."""
     if intervals.size < 2 or np.ptp(intervals) >= MIN_SPREAD_MS:
         return intervals
     out = intervals.copy()
-    out[-1] = out[-1] - MIN_SPREAD_MS if out[-1] - MIN_SPREAD_MS >= lo else out[-1] + MIN_SPREAD_MS
-    _ = hi  # growing by 3 ms may leave hi only when hi - lo < 6 ms, which no model has
+    shorter_ok = out[-1] - MIN_SPREAD_MS >= lo
+    if shorter_ok and out[-2] + MIN_SPREAD_MS <= hi:
+        out[-2] += MIN_SPREAD_MS
+        out[-1] -= MIN_SPREAD_MS
+    elif shorter_ok:
+        out[-1] -= MIN_SPREAD_MS
+    else:
+        out[-1] += MIN_SPREAD_MS
     return out
 
 
@@ -311,18 +318,23 @@ def rewrite_times(
 def _delay_series(
     a: np.ndarray, model: IntervalModel, max_delay: float, rng: np.random.Generator, not_after: float | None
 ) -> np.ndarray:
+    gaps = np.diff(a)
+    # Room the events after i need at least, so no event is pushed past not_after by the ones before.
+    room = np.concatenate((np.cumsum(np.minimum(gaps, model.lo_ms)[::-1])[::-1], [0.0]))
     out = np.empty_like(a)
     u = rng.random(a.size)
     for i, ti in enumerate(a):
         lb, ub = ti, ti + max_delay
         if not_after is not None:
-            ub = min(ub, max(not_after, ti))
+            ub = min(ub, max(not_after - room[i], ti))
         if i:
-            gap = ti - a[i - 1]
+            gap = gaps[i - 1]
             lb = max(lb, out[i - 1] + min(gap, model.lo_ms))  # order, and no shorter than human
-            ub = min(ub, out[i - 1] + max(model.hi_ms, gap + max_delay))  # a rhythm interval stays one
+            ub = min(ub, out[i - 1] + (model.hi_ms if gap <= model.hi_ms else gap + max_delay))
         out[i] = lb + u[i] * (ub - lb) if ub > lb else lb
-    return _retime(out, _vary(np.diff(out), model.lo_ms, model.hi_ms))
+    return _retime(
+        out, _vary(np.diff(out), min(model.lo_ms, float(gaps.min()) if gaps.size else 0.0), model.hi_ms)
+    )
 
 
 def _retime(times: np.ndarray, intervals: np.ndarray) -> np.ndarray:
@@ -446,6 +458,12 @@ def _delay_keys(
     times = np.concatenate((d, u))
     # Stream order: by time, a press before a release at the same instant, then by key index.
     order = np.lexsort((np.r_[np.arange(n), np.arange(n)], np.r_[np.zeros(n), np.ones(n)], times))
+    gaps = np.diff(d)
+    min_hold = np.maximum(np.minimum(u - d, hold.lo_ms), 1.0)
+    # Room each press needs after it (its release, later presses and their releases) before not_after.
+    room = min_hold.copy()
+    for i in range(n - 2, -1, -1):
+        room[i] = max(min_hold[i], min(gaps[i], dd.lo_ms) + room[i + 1])
     nd, nu = np.empty(n), np.empty(n)
     rnd = rng.random(2 * n)
     prev = -math.inf
@@ -454,15 +472,14 @@ def _delay_keys(
         t = times[e]
         ub = t + max_delay
         if not_after is not None:
-            ub = min(ub, max(not_after, t))
+            ub = min(ub, max(not_after - (0.0 if is_up else room[i]), t))
         if is_up:
-            h = u[i] - d[i]
-            hard = nd[i] + max(min(h, hold.lo_ms), 1.0)  # a release strictly after its press
-            ub = min(ub, nd[i] + max(hold.hi_ms, h))
+            hard = nd[i] + min_hold[i]  # a release strictly after its press
+            ub = min(ub, nd[i] + max(hold.hi_ms, u[i] - d[i]))
         elif i:
-            gap = d[i] - d[i - 1]
+            gap = gaps[i - 1]
             hard = nd[i - 1] + min(gap, dd.lo_ms)
-            ub = min(ub, nd[i - 1] + max(dd.hi_ms, gap + max_delay))
+            ub = min(ub, nd[i - 1] + (dd.hi_ms if gap <= dd.hi_ms else gap + max_delay))
         else:
             hard = -math.inf
         lb = max(t, hard, prev)
@@ -478,11 +495,9 @@ def _vary_keys(nd: np.ndarray, nu: np.ndarray, d: np.ndarray, u: np.ndarray) -> 
     dd, hold = MODELS["keystroke"], MODELS["hold"]
     gaps = np.diff(nd)
     varied = _vary(gaps, min(dd.lo_ms, float(np.diff(d).min()) if d.size > 1 else dd.lo_ms), dd.hi_ms)
-    if varied is not gaps:
-        shift = varied[-1] - gaps[-1]
-        nd, nu = nd.copy(), nu.copy()
-        nd[-1] += shift
-        nu[-1] += shift
+    if varied is not gaps:  # move the nudged presses with their releases: holds stay
+        moved = _retime(nd, varied)
+        nd, nu = moved, nu + (moved - nd)
     holds = nu - nd
     varied_h = _vary(holds, min(hold.lo_ms, float((u - d).min())), hold.hi_ms)
     if varied_h is not holds:
