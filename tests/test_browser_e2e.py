@@ -145,7 +145,7 @@ def test_keyveil_keeps_typing_and_clicks_from_the_server(
 
     fx = fixture_site
     ARTIFACTS.mkdir(exist_ok=True)
-    journal = tmp_path / "journal.kvj"
+    journal = tmp_path / "journal"  # a folder: the writer names (and rotates) its files itself
     with harness.run_proxy("keyveil", tmp_path, fx.port, journal) as proxy:
         v = harness.visit(proxy.port, _pins(proxy, fx), ARTIFACTS, "keyveil", tmp_path / "profile")
         m = v.messenger
