@@ -158,12 +158,13 @@ def _is_num(v: Any) -> bool:
     return type(v) is int or type(v) is float
 
 
-def timing_shape(values: list, *, relative_ok: bool = False) -> tuple[str, float] | None:
+def timing_shape(values: list, *, relative_ok: bool = False, min_cv: float = 0.1) -> tuple[str, float] | None:
     """(category, scale to ms) if `values` look like human input timestamps, else None.
 
     Human input: monotonic, at least 4 events, median gap 8 ms - 3 s, gaps that vary (constant
     intervals are timers, not people). Epoch ms, epoch seconds with ms precision, or (when
     `relative_ok` or the values are fractional) high-resolution page-relative milliseconds.
+    `min_cv` is the least variation of the gaps; x/y paths, sampled at the display rate, pass a lower one.
     """
     n = len(values)
     if n < 4 or not all(_is_num(v) for v in values):
@@ -189,7 +190,8 @@ def timing_shape(values: list, *, relative_ok: bool = False) -> tuple[str, float
     if not 8.0 <= med <= 3000.0 or float(d.max()) > 600_000.0:
         return None
     mean = float(d.mean())
-    if mean <= 0 or float(d.std()) / mean < 0.1:
+    std = float(d.std())
+    if mean <= 0 or std == 0.0 or std / mean < min_cv:
         return None
     return ("pointer" if med < 35.0 else "keystroke"), scale
 
@@ -323,7 +325,7 @@ class _Walk:
                 lk = k.lower() if isinstance(k, str) else None
                 if lk in self.rules.features:
                     continue
-                cat = self.rules.keys.get(lk) if lk else None
+                cat = self.rules.keys.get(lk) if lk and lk != "tos_array" else None
                 if cat:
                     cats[cat] = cats.get(cat, 0) + _count(x)
                     signals.add("vocab")
@@ -374,7 +376,7 @@ class _Walk:
             isinstance(t, list) and len(t) == len(first) for t in lst
         ):
             col = len(first) - 1
-            shaped = timing_shape([t[col] for t in lst], relative_ok=True)
+            shaped = timing_shape([t[col] for t in lst], relative_ok=True, min_cv=0.02)
             if shaped and all(_is_num(t[0]) and _is_num(t[1]) for t in lst):
                 return "pointer", n, [Series("pointer", lst, col, shaped[1])]
             return None
@@ -384,12 +386,11 @@ class _Walk:
             for k, v in first.items():
                 if not _is_num(v) or not all(k in x and _is_num(x[k]) for x in lst):
                     continue
-                shaped = timing_shape([x[k] for x in lst], relative_ok=True)
+                xy = {"x", "y"} <= first.keys() or {"clientX", "clientY"} <= first.keys()
+                shaped = timing_shape([x[k] for x in lst], relative_ok=True, min_cv=0.02 if xy else 0.1)
                 if not shaped:
                     continue
-                cat = shaped[0]
-                if {"x", "y"} <= first.keys() or {"clientX", "clientY"} <= first.keys():
-                    cat = "pointer"
+                cat = "pointer" if xy else shaped[0]
                 types = {self.rules.events.get(str(x.get("type", "")).lower()) for x in lst} - {None}
                 if len(types) == 1:
                     cat = types.pop()
