@@ -11,7 +11,7 @@ import logging
 import time
 from pathlib import Path
 
-from mitmproxy import command, ctx, exceptions, http
+from mitmproxy import command, ctx, exceptions, http, tls
 
 from keyveil.catalog import ConfigError
 from keyveil.codecs import Limits
@@ -161,11 +161,7 @@ class Keyveil:
     def _apply(self, flow: http.HTTPFlow, outcome: Outcome) -> None:
         flow.metadata["keyveil"] = outcome.action
         if outcome.record is not None:
-            self._count(outcome.action)
-            if self.journal is not None:
-                self.journal.write(outcome.record)
-            if self.live is not None:
-                self.live.add(outcome.record)
+            self._emit(outcome.record, outcome.action)
         if outcome.answer is not None:
             a = outcome.answer
             flow.response = http.Response.make(a.status, a.body, a.headers)
@@ -186,6 +182,36 @@ class Keyveil:
         flow.response = http.Response.make(
             200, self.live.render_html(), {"content-type": "text/html; charset=utf-8", "cache-control": "no-store"}
         )
+
+    def tls_failed_client(self, data: tls.TlsData) -> None:
+        """A client refused our certificate for a Meta host: an app that pins its certificates.
+        Its traffic cannot be inspected; journal it as `pinned` so the user knows."""
+        try:
+            from keyveil.wireguard import is_pinning_failure
+
+            sni = data.conn.sni or ""
+            p = self.pipeline
+            if p is None or not sni or not is_pinning_failure(data.conn.error):
+                return
+            app = p.catalog.app_for(sni)
+            if app is None:
+                return
+            record = {
+                "v": 1, "ts": round(time.time(), 3), "app": app, "endpoint": None, "host": sni.lower(), "path": "",
+                "method": "TLS", "kind": "pinned", "action": "pinned", "mode": p.mode, "categories": {},
+                "routes": {}, "size_in": 0, "size_out": 0, "layers": [], "reason": "client refused the proxy CA",
+                "stats": {},
+            }
+            self._emit(record, "pinned")
+        except Exception:
+            log.exception("keyveil: tls_failed_client")
+
+    def _emit(self, record: dict, action: str) -> None:
+        self._count(action)
+        if self.journal is not None:
+            self.journal.write(record)
+        if self.live is not None:
+            self.live.add(record)
 
     def done(self) -> None:
         if self.journal is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
 import sys
 from pathlib import Path
 
@@ -35,20 +34,31 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where mitmproxy keeps its CA (default: the checkout's certs/)")
     p.add_argument("--journal-detail", choices=("summary", "full"), default="summary",
                    help="summary (default): counts and coarse statistics only; full: keep more detail")
+    p.add_argument("--pac-port", type=int, default=0, metavar="PORT",
+                   help="serve the proxy auto-config file on this port (default: listen port + 1; -1: off)")
     p.add_argument("--intercept-all", action="store_true",
                    help="intercept TLS for every host, not only the catalog's Meta hosts")
     p.set_defaults(func=run)
 
 
-def build_args(args: argparse.Namespace) -> tuple[list[str], str | None]:
-    """The mitmdump command line for `args`, and keyveil's own mode (None: policy.toml's)."""
+def split_modes(modes: list[str]) -> tuple[str | None, list[str]]:
+    """keyveil's own mode (enforce/audit, None: policy.toml's) and the mitmproxy modes."""
     kv_mode = None
     proxy_modes: list[str] = []
-    for m in args.mode:
+    for m in modes:
         if m in KEYVEIL_MODES:
             kv_mode = m
+        elif m.startswith("wireguard") and "@" not in m:
+            # WireGuard is key-authenticated and phones must reach it: all interfaces, its usual port
+            proxy_modes.append(f"{m}@0.0.0.0:51820")
         else:
             proxy_modes.append(m)
+    return kv_mode, proxy_modes
+
+
+def build_args(args: argparse.Namespace) -> tuple[list[str], str | None]:
+    """The mitmdump command line for `args`, and keyveil's own mode (None: policy.toml's)."""
+    kv_mode, proxy_modes = split_modes(args.mode)
     argv = ["--listen-host", args.listen_host, "--listen-port", str(args.listen_port)]
     for m in proxy_modes:
         argv += ["--mode", m]
@@ -68,6 +78,10 @@ def build_args(args: argparse.Namespace) -> tuple[list[str], str | None]:
     return argv + passthrough, kv_mode
 
 
+def _regular(proxy_modes: list[str]) -> bool:
+    return not proxy_modes or any(m == "regular" or m.startswith("regular@") for m in proxy_modes)
+
+
 def _is_loopback(host: str) -> bool:
     if host in ("localhost", ""):
         return host == "localhost"
@@ -77,30 +91,48 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def banner(args: argparse.Namespace, kv_mode: str | None) -> str:
+def _mode(args: argparse.Namespace, kv_mode: str | None) -> str:
+    if kv_mode:
+        return kv_mode
+    from keyveil.policy import load_policy
+
+    return load_policy(Path(args.config) / "policy.toml").mode
+
+
+def banner(args: argparse.Namespace, kv_mode: str | None, fingerprint: str = "", pac_url: str = "") -> str:
     from keyveil.catalog import load_catalog
 
     cat = load_catalog(Path(args.config) / "endpoints.toml")
     apps = sorted(set(cat.apps.values()) | {e.app for e in cat.endpoints if e.app})
     confdir = Path(args.confdir)
     lines = [
-        f"keyveil listening on {args.listen_host}:{args.listen_port} ({kv_mode or 'policy'} mode)",
+        f"keyveil listening on {args.listen_host}:{args.listen_port} ({_mode(args, kv_mode)} mode)",
         f"  protecting: {len(cat.endpoints)} Meta endpoints for {', '.join(apps)}",
-        "  only Meta hosts are TLS-intercepted" + ("" if not args.intercept_all else " (overridden: --intercept-all)"),
+        "  TLS:        " + ("every host is intercepted (--intercept-all)" if args.intercept_all
+                            else "only Meta's hosts are intercepted; everything else is tunnelled untouched"),
         f"  journal:    {args.log}",
-        f"  CA cert:    {confdir / 'mitmproxy-ca-cert.pem'} (created on first run)",
-        "  trust it:   `keyveil certs` prints its fingerprint and the steps for your system and browser;",
-        "              or browse to http://mitm.it through the proxy. Live summary: http://keyveil/",
+        f"  CA cert:    {confdir / 'mitmproxy-ca-cert.pem'}",
+    ]
+    if fingerprint:
+        lines.append(f"  CA SHA-256: {fingerprint}")
+    lines += [
+        "  trust it:   `keyveil certs` prints the steps for your system and browser,",
+        "              or browse to http://mitm.it through the proxy",
+    ]
+    if pac_url:
+        lines.append(f"  PAC:        {pac_url}  (send only Meta's hosts through keyveil: docs/setup.md)")
+    lines += [
+        "  live view:  http://keyveil/ through the proxy",
         "  reports:    keyveil report " + args.log,
     ]
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
+    from keyveil import certs, pac, wireguard
+
     argv, kv_mode = build_args(args)
-    confdir = Path(args.confdir)
-    confdir.mkdir(parents=True, exist_ok=True)
-    os.chmod(confdir, 0o700)  # the CA private key lives here
+    _, proxy_modes = split_modes(args.mode)
     passthrough = " ".join(getattr(args, "passthrough", []) or [])
     if not _is_loopback(args.listen_host) and "proxyauth" not in passthrough:
         print(
@@ -109,11 +141,35 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     try:
-        print(banner(args, kv_mode), flush=True)
-    except Exception as e:  # a broken config is reported by the addon with file and line
-        print(f"keyveil: {e}", file=sys.stderr)
+        paths = certs.ensure_ca(args.confdir)  # 0700 folder, 0600 key, before anything listens
+        fingerprint = certs.fingerprint_sha256(certs.load_ca_certificate(paths))
+    except Exception as e:
+        print(f"keyveil: cannot prepare the CA in {args.confdir}: {e}", file=sys.stderr)
         return 2
-    from mitmproxy.tools.main import mitmdump
+    pac_server = None
+    if _regular(proxy_modes) and args.pac_port >= 0:
+        port = args.pac_port or args.listen_port + 1
+        try:
+            source = pac.catalog_pac_source(Path(args.config) / "endpoints.toml", args.listen_host, args.listen_port)
+            pac_server = pac.serve_pac(args.listen_host, port, source)
+        except OSError as e:
+            print(f"keyveil: PAC server not started on port {port}: {e.strerror}", file=sys.stderr)
+    try:
+        try:
+            print(banner(args, kv_mode, fingerprint, pac_server.url if pac_server else ""), flush=True)
+        except Exception as e:  # the addon reports a broken config with file and line
+            print(f"keyveil: {e}", file=sys.stderr)
+            return 2
+        for m in proxy_modes:
+            if m.startswith("wireguard"):
+                conf = wireguard.client_config_for_mode(m, paths.confdir, args.listen_host, args.listen_port)
+                print("\nWireGuard client configuration (phones: scan the QR code in the WireGuard app):\n")
+                print(conf)
+                print(wireguard.qr_text(conf), flush=True)
+        from mitmproxy.tools.main import mitmdump
 
-    mitmdump(argv)
+        mitmdump(argv)
+    finally:
+        if pac_server is not None:
+            pac_server.close()
     return 0
