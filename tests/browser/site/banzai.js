@@ -323,7 +323,7 @@
 
   // ---------------------------------------------------------------- a thread to scroll through
   const lines = ["hey!", "are we still on for tonight?", "yes, 8pm", "cool", "should I bring anything?",
-    "maybe dessert", "ok 🍰", "see you there", "running 5 min late", "no worries"];
+    "maybe dessert", "ok, cake it is", "see you there", "running 5 min late", "no worries"];
   for (let i = 0; i < 40; i++) {
     const div = document.createElement("div");
     div.className = "msg" + (i % 3 === 0 ? " mine" : "");
