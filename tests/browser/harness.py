@@ -77,6 +77,7 @@ def proxy_command(kind: str, port: int, confdir: Path, fixture_port: int, journa
     if kind == "keyveil":
         assert journal is not None
         run = ["run", "--listen-port", str(port), "--confdir", str(confdir), "--log", str(journal)]
+        run += ["--pac-port", "-1"]  # no PAC server: the browser is given the proxy directly
         return [sys.executable, "-m", "keyveil.cli", *run, "--", *passthrough]
     mitmdump = shutil.which("mitmdump") or str(Path(sys.executable).with_name("mitmdump"))
     return [
