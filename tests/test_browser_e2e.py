@@ -179,6 +179,11 @@ def test_keyveil_keeps_typing_and_clicks_from_the_server(
     records = list(read_records(journal))
     bz = [r for r in records if r["path"] == "/ajax/bz"]
     assert len(bz) == bz_expected and {r["action"] for r in bz} == {"dropped"}, [r["action"] for r in bz]
+    # ... and counted in them one keystroke sample per 30100 record, i.e. per key event the page sent.
+    bz_keys = sum(r["categories"].get("keystroke", {}).get("samples", 0) for r in bz)
+    assert bz_keys == m["keystrokeSentPdc"] + m["pendingKeystroke"] == 2 * len(harness.SENTENCE)
+    [gql] = [r for r in records if r["path"] == "/api/graphql/"]
+    assert gql["action"] == "stripped" and gql["kind"] == "functional", gql
 
     # keyveil report counts what the page sent: keystroke timing values and click events.
     report = json.loads(_report(journal, "json"))
