@@ -183,6 +183,44 @@ class Keyveil:
             200, self.live.render_html(), {"content-type": "text/html; charset=utf-8", "cache-control": "no-store"}
         )
 
+    async def websocket_message(self, flow: http.HTTPFlow) -> None:
+        """Falco event frames and realtime tasks on the catalog's sockets (keyveil.websocket)."""
+        try:
+            await self._websocket_message(flow)
+        except Exception:  # never raise into mitmproxy: the message goes through unchanged
+            log.exception("keyveil: internal error on a WebSocket message of %s", flow.request.pretty_url)
+            self._count("failed")
+
+    async def _websocket_message(self, flow: http.HTTPFlow) -> None:
+        from keyveil import websocket
+
+        if flow.websocket is None or not flow.websocket.messages:
+            return
+        msg = flow.websocket.messages[-1]
+        if not msg.from_client or msg.dropped or msg.injected:
+            return
+        pipeline = self.pipeline or self._ensure()
+        req = flow.request
+        match = flow.metadata.get("keyveil_ws", False)
+        if match is False:  # looked up once per socket, from the handshake
+            match = pipeline.match(req.pretty_host, req.path, "GET")
+            match = match if websocket.is_ws_match(match) else None
+            flow.metadata["keyveil_ws"] = match
+        if match is None:
+            return
+        args = (pipeline, match, req.pretty_host.lower(), req.path.split("?", 1)[0], msg.content)
+        kw = {"is_text": msg.is_text, "from_client": True, "ts": time.time()}
+        if len(msg.content) > OFF_LOOP_BYTES:
+            out = await asyncio.to_thread(websocket.inspect_message, *args, **kw)
+        else:
+            out = websocket.inspect_message(*args, **kw)
+        if out.record is not None:
+            self._emit(out.record, out.action)
+        if out.drop:
+            msg.drop()
+        elif out.content is not None:
+            msg.content = out.content
+
     def tls_failed_client(self, data: tls.TlsData) -> None:
         """A client refused our certificate for a Meta host: an app that pins its certificates.
         Its traffic cannot be inspected; journal it as `pinned` so the user knows."""

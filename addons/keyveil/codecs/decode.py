@@ -14,6 +14,7 @@ import binascii
 import contextlib
 import json
 import re
+import time
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -34,6 +35,10 @@ class Decoder:
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
         self.nodes = 0
+        budget = self.limits.time_budget_ms
+        # the flow's deadline starts with its decoder; the pipeline checks it between stages too
+        self.deadline = time.monotonic() + budget / 1000.0 if budget > 0 else float("inf")
+        self._next_check = 4096
 
     # -- entry points ----------------------------------------------------------------------
     def body(self, body: bytes, content_type: str = "", hint: str = "auto") -> Layer | None:
@@ -78,7 +83,9 @@ class Decoder:
         self._depth(depth)
         try:
             value = json.loads(raw)
-        except (ValueError, RecursionError) as e:
+        except RecursionError:  # deeper than the interpreter's stack: a depth limit, not bad JSON
+            raise LimitError("max_depth", "json nesting beyond the recursion limit") from None
+        except ValueError as e:
             raise DecodeError(f"json: {e.__class__.__name__}") from None
         text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
         layer = Layer("json", raw, None, {"ascii": text.isascii() and "\\u" in text})
@@ -89,6 +96,8 @@ class Decoder:
         self._depth(depth)
         try:
             value = msgpack.unpackb(raw, raw=False, strict_map_key=False, max_buffer_size=len(raw) + 1)
+        except msgpack.StackError:  # msgpack's own nesting cap (1024)
+            raise LimitError("max_depth", "msgpack nesting") from None
         except Exception as e:  # msgpack raises several unrelated types on bad input
             raise DecodeError(f"msgpack: {e.__class__.__name__}") from None
         layer = Layer("msgpack", raw, None)
@@ -101,6 +110,7 @@ class Decoder:
         fields: list[Field] = []
         if raw:
             for seg in raw.split(b"&"):
+                self.check_time()
                 k, eq, v = seg.partition(b"=")
                 name = _unquote(k)
                 value: Any = _unquote(v) if eq else ""
@@ -123,6 +133,7 @@ class Decoder:
         layer = Layer("multipart", raw, None, {"boundary": boundary, "preamble": raw[:first], "end": pieces[-1]})
         fields: list[Field] = []
         for piece in pieces[:-1]:
+            self.check_time()
             head, sep, content = piece.partition(b"\r\n\r\n")
             if not sep or not head.startswith(b"\r\n"):
                 raise DecodeError("multipart: malformed part")
@@ -145,6 +156,9 @@ class Decoder:
         self.nodes += 1
         if self.nodes > self.limits.max_nodes:
             raise LimitError("max_nodes", f"over {self.limits.max_nodes} values")
+        if self.nodes >= self._next_check:  # the clock is read every few thousand values, not each
+            self._next_check = self.nodes + 4096
+            self.check_time()
         if isinstance(value, dict):
             self._depth(depth)
             for k, v in value.items():
@@ -265,6 +279,11 @@ class Decoder:
         layer = Layer(comp, data, child, meta)
         layer.children.append(child)
         return layer
+
+    def check_time(self) -> None:
+        """Cooperative time budget: raise once the flow's deadline has passed."""
+        if time.monotonic() > self.deadline:
+            raise LimitError("time_budget", f"over {self.limits.time_budget_ms} ms")
 
     def _depth(self, depth: int) -> None:
         if depth > self.limits.max_depth:
