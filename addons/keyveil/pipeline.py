@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from keyveil import apply
+from keyveil import apply, detect
 from keyveil.catalog import Answer, Catalog, Endpoint, Match, load_catalog
 from keyveil.codecs import DecodeError, Decoder, Layer, LimitError, Limits
 from keyveil.detect import Detection, Detector, Finding, Rules, load_rules
@@ -67,6 +67,30 @@ class Outcome:
 IGNORED = Outcome("ignored")
 
 
+class _TimedWalk(detect._Walk):
+    """The detector's walk with the flow's time budget checked every few hundred nodes.
+    (Better inside detect.py as a `Detector.detect(root, check=...)` hook; kept here meanwhile.)"""
+
+    def __init__(self, rules: Rules, out: list[Finding], check: Any) -> None:
+        super().__init__(rules, out)
+        self._check = check
+        self._visits = 0
+
+    def visit(self, value: Any, owner: Layer | None, container: Any, key: Any, depth: int) -> None:
+        self._visits += 1
+        if not self._visits & 255:
+            self._check()
+        super().visit(value, owner, container, key, depth)
+
+
+def _timed_detect(detector: Detector, root: Layer, decoder: Decoder) -> Detection:
+    if decoder.deadline == float("inf") or not hasattr(detect, "_Walk"):
+        return detector.detect(root)
+    findings: list[Finding] = []
+    _TimedWalk(detector.rules, findings, decoder.check_time).visit(root, None, None, None, 0)
+    return Detection(findings, [lay.codec for lay in root.layers()])
+
+
 class Pipeline:
     def __init__(
         self,
@@ -101,6 +125,30 @@ class Pipeline:
 
     # -- the whole decision -------------------------------------------------------------------
     def process(self, req: Request, match: Match | None = None) -> Outcome:
+        """Never raises: an error nobody foresaw gets the same outcome as a limit (reason error:<type>)."""
+        try:
+            return self._process(req, match)
+        except Exception as e:
+            if match is None:
+                parts = urlsplit(req.url)
+                match = self.catalog.match((parts.hostname or "").lower(), parts.path or "/", req.method)
+                if match is None:
+                    return IGNORED
+            return self.refuse(req, match, e)
+
+    def refuse(self, req: Request, match: Match, err: BaseException) -> Outcome:
+        """The outcome for a request that cannot be inspected (a limit, undecodable, an error):
+        dropped on a pure telemetry endpoint (fail closed), passed unchanged otherwise (fail open)."""
+        parts = urlsplit(req.url)
+        host = (parts.hostname or "").lower()
+        record = self._record(req, match, host, parts.path or "/", req.ts if req.ts is not None else time.time())
+        if self.policy.allowed(match.app, match.endpoint.name if match.endpoint else None, host):
+            record["action"] = "allowed"
+            record["reason"] = "allowlist"
+            return Outcome("allowed", record=record)
+        return self._undecodable(req, match, record, err)
+
+    def _process(self, req: Request, match: Match | None) -> Outcome:
         parts = urlsplit(req.url)
         host = (parts.hostname or "").lower()
         if match is None:
@@ -132,11 +180,15 @@ class Pipeline:
         findings: list[Finding] = []
         layers: list[str] = []
         for root in roots:
-            det = self.detector.detect(root)
+            det = _timed_detect(self.detector, root, decoder)
             findings.extend(det.findings)
             layers.extend(det.layers)
         if ep is not None and ep.category and not any(f.behavioral for f in findings) and ep.kind == "telemetry":
             findings.append(Finding("body", ep.name, {ep.category: 1}, {"catalog"}, None, None, None))
+        try:
+            decoder.check_time()  # detection shares the flow's budget with decoding
+        except LimitError as e:
+            return self._undecodable(req, match, record, e)
         detection = Detection(findings, layers)
         record["layers"] = layers
         record["categories"] = detection.categories()
@@ -197,9 +249,14 @@ class Pipeline:
     def _undecodable(self, req: Request, match: Match, record: dict[str, Any], err: BaseException) -> Outcome:
         """Fail closed on pure telemetry (drop), open on functional requests (pass unchanged)."""
         ep = match.endpoint
-        record["reason"] = f"limit:{err.limit}" if isinstance(err, LimitError) else f"decode:{type(err).__name__}"
-        if isinstance(err, RecursionError):
+        if isinstance(err, LimitError):
+            record["reason"] = f"limit:{err.limit}"
+        elif isinstance(err, RecursionError):
             record["reason"] = "limit:max_depth"
+        elif isinstance(err, DecodeError):
+            record["reason"] = f"decode:{type(err).__name__}"
+        else:
+            record["reason"] = f"error:{type(err).__name__}"
         if ep is not None and ep.kind == "telemetry" and self.policy.telemetry == "drop":
             record["action"] = "dropped"
             if self.mode == "audit":

@@ -74,3 +74,78 @@ def snappy_decompress(data: bytes, limits: Limits) -> bytes:
 
 def snappy_compress(data: bytes) -> bytes:
     return bytes(cramjam.snappy.compress_raw(data))
+
+
+# -- HTTP Content-Encoding ------------------------------------------------------------------------
+# mitmproxy's `message.content` inflates the whole body into memory (and caches it), so a 256 MiB
+# gzip of zeros would cost 256 MiB. The addon decodes `raw_content` with this instead.
+
+
+def decode_content(data: bytes, encoding: str, limits: Limits) -> bytes:
+    """Undo a Content-Encoding header (gzip, deflate, br, zstd, identity; comma lists), never
+    producing more than min(max_body, max_decompressed) bytes."""
+    if limits.max_body < limits.max_decompressed:
+        cap, name = limits.max_body, "max_body"
+    else:
+        cap, name = limits.max_decompressed, "max_decompressed"
+    out = data
+    codings = [c.strip().lower() for c in encoding.split(",") if c.strip()]
+    for coding in reversed(codings):  # the last coding listed was applied last
+        if coding == "identity" or not out:
+            continue
+        if coding in ("gzip", "x-gzip"):
+            out = _zlib_members(out, cap, name, 31)
+        elif coding == "deflate":  # zlib-wrapped by the spec, raw deflate by some clients
+            try:
+                out = _zlib_members(out, cap, name, zlib.MAX_WBITS)
+            except LimitError:
+                raise
+            except DecodeError:
+                out = _zlib_members(out, cap, name, -zlib.MAX_WBITS)
+        elif coding == "br":
+            out = _into(cramjam.brotli, out, cap, name)
+        elif coding == "zstd":
+            out = _into(cramjam.zstd, out, cap, name)
+        else:
+            raise DecodeError(f"content-encoding {coding!r} is not supported")
+        _check_ratio(len(out), len(data), limits)
+    return out
+
+
+def _zlib_members(data: bytes, cap: int, name: str, wbits: int) -> bytes:
+    out = bytearray()
+    rest = data
+    while True:
+        d = zlib.decompressobj(wbits)
+        try:
+            out += d.decompress(rest, cap + 1 - len(out))  # never 0 (0 means unbounded): out <= cap here
+        except zlib.error as e:
+            raise DecodeError(f"{'gzip' if wbits == 31 else 'deflate'}: {e}") from None
+        if len(out) > cap or d.unconsumed_tail:
+            raise LimitError(name, f"content-encoding output over {cap} bytes")
+        if not d.eof:
+            raise DecodeError("content-encoding: truncated stream")
+        rest = d.unused_data
+        if not rest or wbits != 31 or not rest.startswith(b"\x1f\x8b"):
+            break  # gzip may hold several members; anything else after the stream is ignored, as curl does
+    return bytes(out)
+
+
+def _into(module: object, data: bytes, cap: int, name: str) -> bytes:
+    """cramjam decompresses into a fixed buffer and stops when it is full: memory stays under cap.
+    The buffer starts small and grows, so ordinary bodies do not pay for a cap-sized buffer."""
+    size = min(cap + 1, max(64 * 1024, 8 * len(data)))
+    while True:
+        buf = bytearray(size)
+        try:
+            n = module.decompress_into(data, buf)  # type: ignore[attr-defined]
+        except Exception as e:  # cramjam.DecompressionError, for a full buffer and for bad data
+            if "whole buffer" not in str(e):
+                raise DecodeError(f"content-encoding: {e}") from None
+            if size > cap:
+                raise LimitError(name, f"content-encoding output over {cap} bytes") from None
+            size = min(cap + 1, size * 4)
+            continue
+        if n > cap:
+            raise LimitError(name, f"content-encoding output over {cap} bytes")
+        return bytes(buf[:n])

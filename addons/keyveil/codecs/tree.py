@@ -37,6 +37,7 @@ class Limits:
     max_ratio: float = 200.0  # decompressed/compressed bytes, for inputs over 64 KiB
     max_depth: int = 64  # nesting of JSON/msgpack containers and encoding layers
     max_nodes: int = 2_000_000  # values walked in one payload
+    time_budget_ms: int = 2000  # wall time for decoding and detecting one flow; 0 disables
 
 
 # codec name -> function(layer) -> encoded bytes or str; filled in by keyveil.codecs.encode
