@@ -14,7 +14,8 @@ from pathlib import Path
 from mitmproxy import command, ctx, exceptions, http, tls
 
 from keyveil.catalog import ConfigError
-from keyveil.codecs import Limits
+from keyveil.codecs import DecodeError, LimitError, Limits
+from keyveil.codecs.compress import decode_content
 from keyveil.config import default_config_dir, default_state_dir
 from keyveil.pipeline import Outcome, Pipeline, Request
 
@@ -22,6 +23,10 @@ log = logging.getLogger("keyveil")
 
 LIVE_HOST = "keyveil"  # http://keyveil/ through the proxy shows the live summary
 OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are decoded in a worker thread
+LIMIT_OPTIONS = (
+    "keyveil_max_body", "keyveil_max_decompressed", "keyveil_max_ratio", "keyveil_max_depth",
+    "keyveil_max_nodes", "keyveil_time_budget_ms",
+)
 
 
 class Keyveil:
@@ -63,19 +68,33 @@ class Keyveil:
             "Largest output of any one decompression inside a payload, in bytes.",
         )
         loader.add_option("keyveil_max_depth", int, Limits.max_depth, "Deepest nesting of containers and encodings.")
+        loader.add_option(
+            "keyveil_max_ratio", int, int(Limits.max_ratio),
+            "Largest decompressed/compressed size ratio accepted for outputs over 64 KiB.",
+        )
+        loader.add_option("keyveil_max_nodes", int, Limits.max_nodes, "Most values walked in one payload.")
+        loader.add_option(
+            "keyveil_time_budget_ms", int, Limits.time_budget_ms,
+            "Wall time for decoding and inspecting one request, in ms (0: no budget). Past any limit a "
+            "pure telemetry request is dropped and a functional one passes unchanged.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
-        if not updated or updated & {
-            "keyveil_config", "keyveil_mode", "keyveil_max_body", "keyveil_max_decompressed", "keyveil_max_depth",
-        }:
+        if not updated or updated & {"keyveil_config", "keyveil_mode", *LIMIT_OPTIONS}:
             mode = opts.keyveil_mode or None
             if mode not in (None, "enforce", "audit"):
                 raise exceptions.OptionsError(f"keyveil_mode must be enforce or audit, not {mode!r}")
+            for name in LIMIT_OPTIONS:
+                if getattr(opts, name) < (0 if name == "keyveil_time_budget_ms" else 1):
+                    raise exceptions.OptionsError(f"{name} must be positive, not {getattr(opts, name)}")
             limits = Limits(
                 max_body=opts.keyveil_max_body,
                 max_decompressed=opts.keyveil_max_decompressed,
+                max_ratio=float(opts.keyveil_max_ratio),
                 max_depth=opts.keyveil_max_depth,
+                max_nodes=opts.keyveil_max_nodes,
+                time_budget_ms=opts.keyveil_time_budget_ms,
             )
             try:
                 # a bad reload raises here; mitmproxy rolls the option back and we keep the old pipeline
@@ -147,11 +166,18 @@ class Keyveil:
         match = pipeline.match(host, req.path, req.method)
         if match is None:
             return  # not Meta: not even looked at
-        try:
-            body = req.content or b""
-        except ValueError:  # broken content-encoding: inspect the raw bytes, the pipeline decides
-            body = req.raw_content or b""
+        # never `req.content`: mitmproxy would inflate a gzip bomb whole (and cache it)
+        body = req.raw_content or b""
+        coding = req.headers.get("content-encoding", "")
         preq = Request(req.method, req.pretty_url, req.headers, body, time.time())
+        if coding and body:
+            try:
+                preq.body = body = await asyncio.to_thread(decode_content, body, coding, pipeline.limits)
+            except LimitError as e:  # a bomb: the documented outcome, without inflating it
+                self._apply(flow, pipeline.refuse(preq, match, e))
+                return
+            except DecodeError:  # broken content-encoding: inspect the raw bytes, the pipeline decides
+                pass
         if len(body) > OFF_LOOP_BYTES:
             outcome = await asyncio.to_thread(pipeline.process, preq, match)
         else:
