@@ -36,6 +36,7 @@ class Keyveil:
         self.live = None
         self.counts: dict[str, int] = {}
         self._journal_path: str | None = None
+        self._pipeline_key: tuple = ()
 
     # -- options -------------------------------------------------------------------------------
     def load(self, loader) -> None:
@@ -96,17 +97,34 @@ class Keyveil:
                 max_nodes=opts.keyveil_max_nodes,
                 time_budget_ms=opts.keyveil_time_budget_ms,
             )
-            try:
-                # a bad reload raises here; mitmproxy rolls the option back and we keep the old pipeline
-                self.pipeline = Pipeline.from_config_dir(opts.keyveil_config, limits=limits, mode=mode)
-            except ConfigError as e:
-                raise exceptions.OptionsError(f"keyveil: {e}") from None
+            key = (opts.keyveil_config, mode, limits)
+            if self.pipeline is None or key != self._pipeline_key:
+                self._load_pipeline(key)
         if not updated or updated & {"keyveil_log", "keyveil_journal_detail"}:
             if opts.keyveil_journal_detail not in ("summary", "full"):
                 raise exceptions.OptionsError("keyveil_journal_detail must be summary or full")
             self._open_journal(opts.keyveil_log, opts.keyveil_journal_detail)
         if not updated or updated & {"keyveil_intercept_all", "keyveil_config"}:
             self._scope_interception()
+
+    def _load_pipeline(self, key: tuple) -> None:
+        config, mode, limits = key
+        try:
+            # a bad (re)load raises here; mitmproxy rolls the option back and the old pipeline stays
+            self.pipeline = Pipeline.from_config_dir(config, limits=limits, mode=mode)
+        except ConfigError as e:
+            raise exceptions.OptionsError(f"keyveil: {e}") from None
+        self._pipeline_key = key
+
+    @command.command("keyveil.reload")
+    def reload(self) -> None:
+        """Re-read endpoints.toml, detection.toml and policy.toml; on an error the old config stays."""
+        try:
+            self._load_pipeline(self._pipeline_key)
+        except exceptions.OptionsError as e:
+            log.error("%s (keeping the previous configuration)", e)
+        else:
+            log.info("keyveil: configuration reloaded from %s", self._pipeline_key[0])
 
     def _open_journal(self, path: str, detail: str) -> None:
         if self.journal is not None and path == self._journal_path:

@@ -51,7 +51,8 @@ class Upstream:
             def _any(self) -> None:
                 n = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(n) if n else b""
-                seen.append(Seen(self.command, self.path, self.headers.get("host", ""), dict(self.headers), body))
+                seen.append(Seen(self.command, self.path, self.headers.get("host", ""),
+                                {k.lower(): v for k, v in self.headers.items()}, body))
                 out = b"upstream-ok"
                 self.send_response(200)
                 self.send_header("content-type", "text/plain")
@@ -173,3 +174,41 @@ def request(proxy_port: int, method: str, url: str, body: bytes = b"", headers: 
         return Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
     finally:
         conn.close()
+
+
+def self_signed(tmp: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A throwaway certificate and key for a local TLS server (not the proxy's CA)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp / "upstream-cert.pem", tmp / "upstream-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def tls_upstream(tmp: Path) -> tuple[Upstream, Path]:
+    """A recording HTTPS server on 127.0.0.1 with its own self-signed certificate."""
+    up = Upstream().start()
+    cert, key = self_signed(tmp)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    assert up.server is not None
+    up.server.socket = ctx.wrap_socket(up.server.socket, server_side=True)
+    return up, cert
