@@ -6,7 +6,7 @@ A file is `MAGIC` followed by frames `c6 <len:u32 BE> <payload> ce <crc32(payloa
 magic and every frame are valid msgpack objects (a str, a bin32 and a uint32), so a healthy file is one
 msgpack stream a C unpacker reads in bulk, while the length and the checksum let a reader stop cleanly at
 a torn tail. The first frame is a header map; frames holding maps with int keys define interned strings
-(per file); all other frames are records encoded as positional arrays (see `_Encoder`).
+(per file); all other frames are records encoded as positional arrays (see `Encoder`).
 
 The writer never raises into its caller and never blocks it: `write()` puts the record on a bounded
 queue; a background thread redacts, encodes and appends it, at least once a second.
@@ -30,6 +30,7 @@ import time
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -313,7 +314,7 @@ def frame(payload: bytes) -> bytes:
     )
 
 
-class _Encoder:
+class Encoder:
     """Turns a clean record into a positional array, interning repeated strings per file."""
 
     def __init__(self) -> None:
@@ -331,6 +332,10 @@ class _Encoder:
         return i
 
     def encode(self, r: dict[str, Any]) -> bytes:
+        return self.pack(self.array(r))
+
+    def array(self, r: dict[str, Any]) -> list[Any]:
+        """The positional form of a clean record (see `redact`)."""
         sid = self.sid
         cats: list[int] = []
         for name, v in r["categories"].items():
@@ -347,7 +352,7 @@ class _Encoder:
             sid(",".join(r["layers"])), sid(r["reason"]), cats, routes, stats,
             1 if r.get("detail") == "full" else 0, sid(r.get("session")), r.get("extra"),
         ]  # fmt: skip
-        return self.pack(arr)
+        return arr
 
     def take_defs(self) -> bytes | None:
         if not self.pending:
@@ -450,6 +455,9 @@ def _strict_frames(data: bytes | memoryview, off: int) -> tuple[list[bytes], int
     return out, off
 
 
+_MAP_FIRST = re.compile(rb"[\x80-\x8f\xde]")
+
+
 def _unpack_all(payloads: list[bytes]) -> list[Any]:
     """Decode many payloads in one C loop (their concatenation is a msgpack stream)."""
     unp = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=0)
@@ -500,12 +508,14 @@ def iter_file(path: str | Path, chunk_bytes: int = 8 * MiB) -> Iterator[tuple[Fi
             payloads = payloads[1:]
         if not payloads:
             return []
+        # string definitions are map frames (first byte 0x80-0x8f or 0xde): take them out before the bulk
+        # decode so that it yields record arrays only
+        firsts = bytes(map(itemgetter(0), payloads))
+        for i in reversed([m.start() for m in _MAP_FIRST.finditer(firsts)]):
+            table = msgpack.unpackb(payloads.pop(i), raw=False, strict_map_key=False)
+            if isinstance(table, dict):
+                info.table.update(table)
         objs = _unpack_all(payloads)
-        if any(map(dict.__instancecheck__, objs)):
-            for o in objs:
-                if type(o) is dict:
-                    info.table.update(o)
-            objs = [o for o in objs if type(o) is list]
         info.records += len(objs)
         return objs
 
@@ -657,7 +667,7 @@ class JournalWriter:
         self._fd: int | None = None
         self._path: Path | None = None
         self._size = 0
-        self._enc = _Encoder()
+        self._enc = Encoder()
         self._warned = False
         self._retry_at = 0.0
         self._dirty_since: float | None = None
@@ -842,7 +852,7 @@ class JournalWriter:
             self._warn_once(f"cannot open a journal file: {e.strerror or e}")
             return False
         self._fd, self._path, self._size = fd, path, len(MAGIC) + 10 + len(header)
-        self._enc = _Encoder()
+        self._enc = Encoder()
         self._files += 1
         self._bytes += self._size
         if self.retention_days:
