@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from keyveil import timing
 from keyveil.timing import MODELS, RewriteConfig, pair_median_ms
 

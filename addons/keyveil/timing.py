@@ -247,19 +247,21 @@ def _blend(orig: np.ndarray, draw: np.ndarray, strength: float, lo: float, hi: f
 
 
 def _vary(intervals: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Break a constant run (a bot signature) by MIN_SPREAD_MS: move the second-to-last event later
-    (both ends kept), else shorten the last interval, else lengthen it."""
+    """Break a constant run (a bot signature) so the spread is MIN_SPREAD_MS: lengthen the
+    second-to-last interval and shorten the last (both ends kept), else shorten the last, else
+    lengthen it."""
     if intervals.size < 2 or np.ptp(intervals) >= MIN_SPREAD_MS:
         return intervals
     out = intervals.copy()
-    shorter_ok = out[-1] - MIN_SPREAD_MS >= lo
-    if shorter_ok and out[-2] + MIN_SPREAD_MS <= hi:
-        out[-2] += MIN_SPREAD_MS
-        out[-1] -= MIN_SPREAD_MS
-    elif shorter_ok:
-        out[-1] -= MIN_SPREAD_MS
+    top, bottom = float(out.max()), float(out.min())
+    up = top + MIN_SPREAD_MS - out[-2]
+    if out[-1] - up >= lo and top + MIN_SPREAD_MS <= hi:
+        out[-2] += up
+        out[-1] -= up
+    elif bottom - MIN_SPREAD_MS >= lo:
+        out[-1] = bottom - MIN_SPREAD_MS
     else:
-        out[-1] += MIN_SPREAD_MS
+        out[-1] = top + MIN_SPREAD_MS
     return out
 
 
@@ -267,24 +269,34 @@ def _cap_end(times: np.ndarray, last: float, not_after: float | None) -> np.ndar
     """Last resort: shift everything earlier so the latest event is not after the request."""
     if not_after is None or last <= not_after:
         return times
-    return times - (last - not_after)
+    return np.minimum(times - (last - not_after), not_after)  # minimum: the subtraction may round up
+
+
+def _scale_floor(intervals: np.ndarray, lo: float) -> float:
+    """Smallest uniform scale that keeps every interval >= lo and a non-constant series non-constant."""
+    if intervals.size == 0:
+        return 1.0
+    floor = lo / float(intervals.min())
+    if intervals.size >= 2:
+        floor = max(floor, MIN_SPREAD_MS / max(float(np.ptp(intervals)), MIN_SPREAD_MS))
+    return floor
 
 
 def _place(
-    rel: np.ndarray, rel_end: float, t0: float, span0: float, not_after: float | None, lo_ok: float
+    rel_end: float, t0: float, span0: float, not_after: float | None, floor: float
 ) -> tuple[float, float]:
-    """Start and scale for a synthetic series (relative times `rel`, latest at `rel_end`).
+    """Start and scale for a synthetic series whose latest event is `rel_end` after its first.
 
     Keep the original start if the series fits before `not_after`; else start earlier, by at most
     the original span (so a fast typist's series may take twice as long, ending at the request);
-    else compress it uniformly, never below `lo_ok` of the smallest interval (scale floor)."""
+    else compress it uniformly, but not below `floor` (see _scale_floor)."""
     if not_after is None or t0 + rel_end <= not_after:
         return t0, 1.0
     earliest = t0 - max(span0, 0.0)
     start = not_after - rel_end
     if start >= earliest:
         return start, 1.0
-    scale = max((not_after - earliest) / rel_end, lo_ok) if rel_end > 0 else 1.0
+    scale = max((not_after - earliest) / rel_end, floor) if rel_end > 0 else 1.0
     return earliest, min(scale, 1.0)
 
 
@@ -404,7 +416,7 @@ def _resample_series(
     new = _vary(new, model.lo_ms, model.hi_ms)
     rel = np.concatenate(([0.0], np.cumsum(new)))
     start, scale = _place(
-        rel, float(rel[-1]), float(a[0]), float(a[-1] - a[0]), not_after, model.lo_ms / new.min()
+        float(rel[-1]), float(a[0]), float(a[-1] - a[0]), not_after, _scale_floor(new, model.lo_ms)
     )
     return start + rel * scale
 
@@ -552,8 +564,7 @@ def _resample_keys(
     rel_u = rel_d + new_h
     end = float(rel_u.max())
     span0 = float(u.max() - d[0])
-    floor = dd.lo_ms / new_dd.min() if new_dd.size else 1.0
-    start, scale = _place(rel_u, end, float(d[0]), span0, not_after, floor)
+    start, scale = _place(end, float(d[0]), span0, not_after, _scale_floor(new_dd, dd.lo_ms))
     if scale < 1.0:  # compress intervals, keep holds: holds do not make the series longer than DD
         rel_d = rel_d * scale
         rel_u = rel_d + new_h
@@ -647,7 +658,7 @@ def rewrite_path(
     new = _vary(new, model.lo_ms, model.hi_ms)
     rel = np.concatenate(([0.0], np.cumsum(new)))
     start, scale = _place(
-        rel, float(rel[-1]), float(a[0]), float(a[-1] - a[0]), not_after, model.lo_ms / new.min()
+        float(rel[-1]), float(a[0]), float(a[-1] - a[0]), not_after, _scale_floor(new, model.lo_ms)
     )
     return _cap_end(start + rel * scale, float(start + rel[-1] * scale), not_after)
 
