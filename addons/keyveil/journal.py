@@ -74,8 +74,10 @@ _SENSITIVE = re.compile(
     r"|[0-9a-fA-F]{16,}"  # hashes, device ids
     r"|eyJ[A-Za-z0-9_-]{6,}"  # JWT
     r"|[^\s@/]+@[^\s@/]+\.[A-Za-z]{2,}"  # email
-    r"|[A-Za-z0-9+/_=-]{20,}"  # base64 / base64url tokens (checked further in _token_like)
+    r"|[A-Za-z0-9+/_=:-]{16,}"  # tokens, uuids, web session ids ("ovkhzw:8w3ptf:b0wm93"): see _token_like
 )
+_TOKENISH = re.compile(r"[A-Za-z0-9+/_=:-]{16,}")
+_NAMEISH = re.compile(r"[0-9a-fA-F]{16,}|\d{6,}")
 _IDENT = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _HOST = re.compile(r"^[a-z0-9.-]{1,253}$")
 _HASH = re.compile(r"^[0-9a-f]{16}$")
@@ -89,27 +91,18 @@ _SECRET_KEYS = re.compile(
 REDACTED = "[redacted]"
 
 
-def _token_like(run: str) -> bool:
-    if run[:1].isdigit() and run.isdigit():
-        return True
-    has_digit = any(c.isdigit() for c in run)
-    has_alpha = any(c.isalpha() for c in run)
-    if has_digit and has_alpha:
-        return True
-    # long words with mixed case and no digits: still a token past 32 chars (names are shorter)
-    return len(run) >= 32 and any(c.isupper() for c in run) and any(c.islower() for c in run)
+def _matches_sensitive(m: re.Match[str]) -> bool:
+    run = m.group(0)
+    if _TOKENISH.fullmatch(run) and not _NAMEISH.fullmatch(run):
+        # a long run of token characters is a token when it mixes letters and digits; Meta's event and
+        # logger names (falco:bd_pdc_signals, logger:WebPixelRatioLoggerConfig) have no digits
+        return any(c.isdigit() for c in run) and any(c.isalpha() for c in run)
+    return True
 
 
 def looks_sensitive(text: str) -> bool:
     """True when `text` holds something shaped like an id, token, timestamp, hash or email."""
     return any(_matches_sensitive(m) for m in _SENSITIVE.finditer(text))
-
-
-def _matches_sensitive(m: re.Match[str]) -> bool:
-    run = m.group(0)
-    if re.fullmatch(r"[A-Za-z0-9+/_=-]{20,}", run) and not re.fullmatch(r"[0-9a-fA-F]{16,}|\d{6,}", run):
-        return _token_like(run)
-    return True
 
 
 def scrub_text(text: str, limit: int = 120) -> str:

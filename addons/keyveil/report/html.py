@@ -115,7 +115,9 @@ def timeline_svg(s: dict[str, Any], width: int = 900, height: int = 240) -> Mark
         x = ml + (i + 0.5) * bw
         fmt = "%m-%d %H:%M" if step == 3600 else "%Y-%m-%d"
         label = datetime.fromtimestamp(start + i * step, UTC).strftime(fmt)
-        parts.append(f'<text x="{x:.1f}" y="{height - 12}" text-anchor="middle" class="tick">{label}</text>')
+        anchor = "start" if k == 0 and nticks > 1 else "end" if k == nticks - 1 and nticks > 1 else "middle"
+        x = ml if anchor == "start" else width - mr if anchor == "end" else x
+        parts.append(f'<text x="{x:.1f}" y="{height - 12}" text-anchor="{anchor}" class="tick">{label}</text>')
     parts.append("</svg>")
     return Markup("".join(parts))
 
