@@ -94,3 +94,11 @@ class TestKeyveil:
             f.request.headers["host"] = "keyveil"
             await kv.request(f)
             assert f.response.status_code == 200 and b"dropped" in f.response.content
+
+    def test_options_have_help(self):
+        kv = Keyveil()
+        with taddons.context(kv) as tctx:
+            opts = {k: v for k, v in tctx.options._options.items() if k.startswith("keyveil_")}
+            assert {"keyveil_config", "keyveil_mode", "keyveil_log", "keyveil_intercept_all"} <= set(opts)
+            assert all(len(o.help) > 20 for o in opts.values())
+            assert "audit" in opts["keyveil_mode"].help

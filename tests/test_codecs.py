@@ -13,9 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keyveil.codecs import Decoder, DecodeError, Layer, LimitError, Limits, decode_body, plain
-
 from conftest import banzai_fixture
+from keyveil.codecs import DecodeError, Decoder, Layer, LimitError, Limits, decode_body, plain
 
 
 def _field(layer: Layer, name: str):
@@ -62,7 +61,7 @@ class TestRoundTrip:
         assert _field(layer, "msg").value == "héllo w x"
 
     def test_json_keeps_float_and_unicode_spelling(self):
-        body = '{"t":1737333755568.9001,"s":"\\u00e9t\\u00e9","n":[1,2.50,3e2]}'.encode()
+        body = b'{"t":1737333755568.9001,"s":"\\u00e9t\\u00e9","n":[1,2.50,3e2]}'
         assert decode_body(body, "application/json").encode() == body
 
     def test_msgpack(self):

@@ -8,9 +8,9 @@ import ssl
 from urllib.parse import parse_qsl, urlencode
 
 import pytest
-from support.servers import Upstream, request, start_proxy, tls_upstream
 
 from keyveil.journal import read_records
+from support.servers import Upstream, request, start_proxy, tls_upstream
 
 KEYS = [1737333755506, 1737333755618, 1737333755790, 1737333755901, 1737333756133, 1737333756240]
 TEXT = "the meeting moved to thursday"
@@ -117,3 +117,49 @@ class TestAuditMode:
             up.stop()
         recs = list(read_records([proxy.journal]))
         assert [(r["action"], r["mode"]) for r in recs] == [("dropped", "audit"), ("stripped", "audit")]
+
+
+class TestScriptAndPassthrough:
+    def test_mitmdump_script_loads_the_same_addon(self, tmp_path, fixture_bodies):
+        """People who run mitmproxy themselves: `mitmdump -s addons/keyveil_addon.py --set keyveil_*`."""
+        import os
+        import subprocess
+        import sys
+
+        from support.servers import REPO, free_port, wait_port
+
+        up = Upstream().start()
+        port = free_port()
+        env = {**os.environ, "KEYVEIL_TEST_UPSTREAM": up.address}
+        cmd = [sys.executable, "-c", "from mitmproxy.tools.main import mitmdump; mitmdump()",
+               "--listen-host", "127.0.0.1", "--listen-port", str(port), "-s", str(REPO / "addons" / "keyveil_addon.py"),
+               "-s", str(REPO / "tests" / "support" / "route_addon.py"), "--set", f"confdir={tmp_path}",
+               "--set", f"keyveil_log={tmp_path / 'j'}", "--set", "keyveil_mode=enforce", "--set", "connection_strategy=lazy"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        try:
+            wait_port(port)
+            ct, body = fixture_bodies[0]
+            r = request(port, "POST", "http://www.facebook.com/ajax/bz", body, {"content-type": ct})
+            assert r.status == 200 and r.headers.get("x-keyveil") == "dropped" and up.seen == []
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            up.stop()
+        assert [r["action"] for r in read_records([tmp_path / "j"])] == ["dropped"]
+
+    def test_passthrough_args_reach_mitmdump(self, tmp_path):
+        up = Upstream().start()
+        other = tmp_path / "other.py"
+        other.write_text("from mitmproxy import http\n"
+                         "class Tag:\n    def response(self, flow: http.HTTPFlow):\n"
+                         "        flow.response.headers['x-other'] = 'yes'\naddons = [Tag()]\n")
+        confdir = tmp_path / "elsewhere"
+        proxy = start_proxy(tmp_path, up.address, passthrough=("-s", str(other), "--set", f"confdir={confdir}"),
+                            confdir=confdir)
+        try:
+            r = request(proxy.port, "GET", "http://example.org/")
+            assert r.headers.get("x-other") == "yes"
+            assert (confdir / "mitmproxy-ca.pem").exists() and (confdir / "mitmproxy-ca.pem").stat().st_mode & 0o077 == 0
+        finally:
+            proxy.stop()
+            up.stop()

@@ -119,11 +119,13 @@ class Proxy:
 
 
 def start_proxy(tmp: Path, upstream: str, *extra: str, mode: str | None = None, config: Path | None = None,
-                passthrough: tuple[str, ...] = ()) -> Proxy:
+                passthrough: tuple[str, ...] = (), confdir: Path | None = None) -> Proxy:
+    """Start `keyveil run`; `confdir` is where the CA ends up (tmp/certs unless the passthrough moves it)."""
     port = free_port()
-    confdir, journal, out = tmp / "certs", tmp / "journal", tmp / "proxy.log"
+    journal, out = tmp / "journal", tmp / "proxy.log"
+    confdir = confdir or tmp / "certs"
     cmd = [sys.executable, "-m", "keyveil.cli", "run", "--listen-port", str(port), "--log", str(journal),
-           "--confdir", str(confdir), *extra]
+           "--confdir", str(tmp / "certs"), *extra]
     if mode:
         cmd += ["--mode", mode]
     if config:

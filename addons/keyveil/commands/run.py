@@ -72,10 +72,27 @@ def build_args(args: argparse.Namespace) -> tuple[list[str], str | None]:
     }
     if kv_mode:
         sets["keyveil_mode"] = kv_mode
-    for k, v in sets.items():
-        argv += ["--set", f"{k}={v}"]
     passthrough = list(getattr(args, "passthrough", []) or [])
+    given = _passthrough_sets(passthrough)
+    for k, v in sets.items():
+        if k not in given:  # mitmproxy refuses an option set twice: the user's own --set wins
+            argv += ["--set", f"{k}={v}"]
     return argv + passthrough, kv_mode
+
+
+def _passthrough_sets(rest: list[str]) -> dict[str, str]:
+    """Options the user sets after `--` (`--set name=value` or `--set=name=value`)."""
+    out: dict[str, str] = {}
+    for i, a in enumerate(rest):
+        if a.startswith("--set="):
+            val = a[len("--set="):]
+        elif a == "--set" and i + 1 < len(rest):
+            val = rest[i + 1]
+        else:
+            continue
+        name, _, value = val.partition("=")
+        out[name] = value
+    return out
 
 
 def _regular(proxy_modes: list[str]) -> bool:
@@ -128,9 +145,17 @@ def banner(args: argparse.Namespace, kv_mode: str | None, fingerprint: str = "",
     return "\n".join(lines)
 
 
+def _passthrough_confdir(args: argparse.Namespace) -> None:
+    """`keyveil run -- --set confdir=DIR` wins over --confdir: the CA is prepared where mitmproxy looks."""
+    confdir = _passthrough_sets(list(getattr(args, "passthrough", []) or [])).get("confdir")
+    if confdir:
+        args.confdir = confdir
+
+
 def run(args: argparse.Namespace) -> int:
     from keyveil import certs, pac, wireguard
 
+    _passthrough_confdir(args)
     argv, kv_mode = build_args(args)
     _, proxy_modes = split_modes(args.mode)
     passthrough = " ".join(getattr(args, "passthrough", []) or [])
