@@ -19,6 +19,7 @@ Run by hand: `python benchmarks/identify.py` (N=50 typists, well under two minut
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import sys
 import time
@@ -214,6 +215,8 @@ class Condition:
     name: str
     cfg: RewriteConfig | None
     use_pairs: bool = False
+    persona_per_typist: bool = False
+    """seed_scope=session at its worst: one persona for all sessions of a typist (never rotated)."""
 
 
 CONDITIONS: tuple[Condition, ...] = (
@@ -230,6 +233,11 @@ CONDITIONS: tuple[Condition, ...] = (
     Condition("resample s=0.75", RewriteConfig(mode="resample", strength=0.75)),
     Condition("resample s=1", RewriteConfig(mode="resample", strength=1.0)),
     Condition("resample s=1 +pairs", RewriteConfig(mode="resample", strength=1.0), use_pairs=True),
+    Condition(
+        "resample s=1, 1 persona/typist",
+        RewriteConfig(mode="resample", strength=1.0, seed_scope="session"),
+        persona_per_typist=True,
+    ),
 )
 
 
@@ -237,7 +245,10 @@ def rewrite(s: Session, c: Condition, seed: int) -> tuple[np.ndarray, np.ndarray
     if c.cfg is None:
         return s.down, s.up
     # Benchmark runs are reproducible: a seeded generator stands in for make_rng's secrets seed.
-    rng = np.random.default_rng([seed, zlib.crc32(c.name.encode())])
+    rng: np.random.Generator = np.random.default_rng([seed, zlib.crc32(c.name.encode())])
+    if c.persona_per_typist:
+        bits = np.random.PCG64(np.random.SeedSequence([seed, zlib.crc32(c.name.encode())]))
+        rng = timing.VeilGenerator(bits, hashlib.sha256(f"typist {s.who}".encode()).digest())
     return timing.rewrite_keystrokes(
         s.down, s.up, c.cfg, rng, pairs=s.pairs if c.use_pairs else None, not_after=s.not_after
     )
