@@ -237,7 +237,9 @@ class _Walk:
         if "ev" in names and "id" in names:  # a Meta Pixel hit
             ev = next(str(f.value) for f in fields if f.name == "ev")
             cats, signals, series = self._classify_unit(f"pixel:{ev}", [f.value for f in fields])
-            self.out.append(Finding("hit", f"pixel:{ev}", cats, signals, owner, None, None, series, fields))
+            hit = Finding("hit", f"pixel:{ev}", cats, signals, owner, None, None, series, fields)
+            hit.stats = pixel_stats(fields)
+            self.out.append(hit)
             return
         for i, f in enumerate(fields):
             lname = f.name.lower()
@@ -396,6 +398,25 @@ class _Walk:
                     cat = types.pop()
                 return cat, n, [Series(cat, lst, k, shaped[1])]
         return None
+
+
+# Pixel custom-data fields that describe what the visitor clicked: journaled only as counts
+_PIXEL_COUNTED = {"buttonfeatures": "pixel_button_features", "buttontext": "pixel_button_text_chars",
+                  "formfeatures": "pixel_form_features", "pagefeatures": "pixel_page_features"}
+
+
+def pixel_stats(fields: list[Field]) -> dict[str, int]:
+    """Counts, never content: features described (keys or items), characters of the button text."""
+    out: dict[str, int] = {}
+    for f in fields:
+        name = f.name.lower()
+        name = name[3:-1] if name.startswith("cd[") and name.endswith("]") else name
+        key = _PIXEL_COUNTED.get(name)
+        if key is None:
+            continue
+        v = f.value.value if isinstance(f.value, Layer) else f.value
+        out[key] = out.get(key, 0) + (len(v) if isinstance(v, (str, list, dict)) else 1)
+    return out
 
 
 def bd_e_layer(data: Any) -> Layer | None:

@@ -83,6 +83,24 @@ class _TimedWalk(detect._Walk):
         super().visit(value, owner, container, key, depth)
 
 
+def _flow_route(req: Request, body: Layer | None) -> str | None:
+    """The name of the request as a whole: GraphQL's friendly name (form field, or header)."""
+    if body is not None and isinstance(body.value, list):
+        for f in body.value:
+            if getattr(f, "name", None) == "fb_api_req_friendly_name" and isinstance(f.value, str) and f.value:
+                return f.value[:100]
+    return req.header("x-fb-friendly-name")[:100] or None
+
+
+def _whole_unit_stripped(findings: list[Finding], plan: Plan) -> bool:
+    """A finding that is the whole request (a Pixel hit, a body the catalog classes) is to be stripped:
+    nothing can be cut out of it, so the request must go."""
+    return any(
+        a in ("strip", "drop") and f.container is None and f.unit in ("hit", "body") and f.behavioral
+        for f, a in zip(findings, plan.actions, strict=True)
+    )
+
+
 def _timed_detect(detector: Detector, root: Layer, decoder: Decoder) -> Detection:
     if decoder.deadline == float("inf") or not hasattr(detect, "_Walk"):
         return detector.detect(root)
@@ -199,7 +217,12 @@ class Pipeline:
             record["action"] = "passed"
             return Outcome("passed", record=record, detection=detection)
 
-        plan = self.policy.decide(match.app, ep, host, findings)
+        route = _flow_route(req, body_layer)
+        if route:
+            record["routes"][route] = record["routes"].get(route, 0) + 1
+        plan = self.policy.decide(match.app, ep, host, findings, route)
+        if plan.flow == "strip" and ep is not None and ep.kind == "telemetry" and _whole_unit_stripped(findings, plan):
+            plan = Plan("drop", plan.actions, plan.reason)  # a Pixel hit is one event: it goes as a whole
         record["action"] = _PAST.get(plan.flow, plan.flow)
         if plan.reason:
             record["reason"] = plan.reason

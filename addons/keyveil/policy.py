@@ -70,11 +70,24 @@ class Policy:
                 return r.action
         return None
 
-    def decide(self, app: str, endpoint: Endpoint | None, host: str, findings: list[Finding]) -> Plan:
+    def decide(
+        self, app: str, endpoint: Endpoint | None, host: str, findings: list[Finding], route: str | None = None
+    ) -> Plan:
+        """`route` names the request as a whole (a GraphQL friendly name): a rule with that route and
+        no category decides the flow, and may drop it even on a functional endpoint (pure-logging
+        mutations get the endpoint's answer)."""
         name = endpoint.name if endpoint else None
         kind = endpoint.kind if endpoint else "uncataloged"
         if self.allowed(app, name, host):
             return Plan("allowed", ["pass"] * len(findings), "allowlist")
+        if route is not None and endpoint is not None:
+            by_route = next(
+                (r.action for r in self.rules if r.category is None and r.route is not None
+                 and r.matches(app, name, kind, None, route)),
+                None,
+            )
+            if by_route in ("drop", "pass"):
+                return Plan(by_route, [by_route] * len(findings), f"route:{route}" if by_route == "drop" else "")
         flow_rule = next(
             (r.action for r in self.rules if r.category is None and r.route is None and r.matches(app, name, kind, None, None)),
             None,
