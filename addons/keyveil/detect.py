@@ -236,7 +236,9 @@ class _Walk:
         names = {f.name for f in fields}
         if "ev" in names and "id" in names:  # a Meta Pixel hit
             ev = next(str(f.value) for f in fields if f.name == "ev")
-            cats, signals, series = self._classify_unit(f"pixel:{ev}", [f.value for f in fields])
+            # the button/form/page descriptions are page structure ("tag": "input"), not input events
+            scanned = [f.value for f in fields if _pixel_field(f.name) not in _PIXEL_COUNTED]
+            cats, signals, series = self._classify_unit(f"pixel:{ev}", scanned)
             hit = Finding("hit", f"pixel:{ev}", cats, signals, owner, None, None, series, fields)
             hit.stats = pixel_stats(fields)
             self.out.append(hit)
@@ -405,13 +407,16 @@ _PIXEL_COUNTED = {"buttonfeatures": "pixel_button_features", "buttontext": "pixe
                   "formfeatures": "pixel_form_features", "pagefeatures": "pixel_page_features"}
 
 
+def _pixel_field(name: str) -> str:
+    name = name.lower()
+    return name[3:-1] if name.startswith("cd[") and name.endswith("]") else name
+
+
 def pixel_stats(fields: list[Field]) -> dict[str, int]:
     """Counts, never content: features described (keys or items), characters of the button text."""
     out: dict[str, int] = {}
     for f in fields:
-        name = f.name.lower()
-        name = name[3:-1] if name.startswith("cd[") and name.endswith("]") else name
-        key = _PIXEL_COUNTED.get(name)
+        key = _PIXEL_COUNTED.get(_pixel_field(f.name))
         if key is None:
             continue
         v = f.value.value if isinstance(f.value, Layer) else f.value
