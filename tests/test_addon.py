@@ -102,3 +102,15 @@ class TestKeyveil:
             assert {"keyveil_config", "keyveil_mode", "keyveil_log", "keyveil_intercept_all"} <= set(opts)
             assert all(len(o.help) > 20 for o in opts.values())
             assert "audit" in opts["keyveil_mode"].help
+
+    async def test_rewrite_options(self):
+        kv = Keyveil()
+        with taddons.context(kv) as tctx:
+            tctx.configure(kv, keyveil_config=str(ROOT / "config"), keyveil_log="")
+            tctx.configure(kv, keyveil_rewrite_mode="delay", keyveil_rewrite_max_delay_ms="40")
+            assert kv.pipeline.rewriter.cfg.mode == "delay" and kv.pipeline.rewriter.cfg.max_delay_ms == 40.0
+            for bad in ({"keyveil_rewrite_mode": "scramble"}, {"keyveil_rewrite_strength": "2"},
+                        {"keyveil_rewrite_strength": "strong"}):
+                with pytest.raises(exceptions.OptionsError):
+                    tctx.configure(kv, **bad)
+            assert kv.pipeline.rewriter.cfg.mode == "delay"

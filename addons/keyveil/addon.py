@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from pathlib import Path
 
 from mitmproxy import command, ctx, exceptions, http, tls
 
+from keyveil.apply import Rewriter
 from keyveil.catalog import ConfigError
 from keyveil.codecs import DecodeError, LimitError, Limits
 from keyveil.codecs.compress import decode_content
@@ -22,7 +24,9 @@ from keyveil.pipeline import Outcome, Pipeline, Request
 log = logging.getLogger("keyveil")
 
 LIVE_HOST = "keyveil"  # http://keyveil/ through the proxy shows the live summary
-OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are decoded in a worker thread
+OFF_LOOP_BYTES = 64 * 1024
+REWRITE_OPTIONS = ("keyveil_rewrite_mode", "keyveil_rewrite_strength", "keyveil_rewrite_max_delay_ms",
+                   "keyveil_rewrite_seed_scope")  # bodies larger than this are decoded in a worker thread
 LIMIT_OPTIONS = (
     "keyveil_max_body", "keyveil_max_decompressed", "keyveil_max_ratio", "keyveil_max_depth",
     "keyveil_max_nodes", "keyveil_time_budget_ms",
@@ -37,6 +41,7 @@ class Keyveil:
         self.counts: dict[str, int] = {}
         self._journal_path: str | None = None
         self._pipeline_key: tuple = ()
+        self._session_seed = secrets.token_bytes(32)
 
     # -- options -------------------------------------------------------------------------------
     def load(self, loader) -> None:
@@ -63,6 +68,26 @@ class Keyveil:
             "Intercept TLS for every host. By default only the catalog's Meta hosts are intercepted and all "
             "other traffic is tunnelled untouched.",
         )
+        loader.add_option(
+            "keyveil_rewrite_mode", str, "",
+            "How the rewrite action re-times keystroke, click, pointer, scroll and touch series: resample "
+            "(replace the person's intervals by draws from a population model: the strong one), delay "
+            "(bounded random delay, Kloak), quantize (coarse grid: weak). Empty: policy.toml [rewrite].",
+        )
+        loader.add_option(
+            "keyveil_rewrite_strength", str, "",
+            "0..1, how far from the person's own timing the rewrite goes (1: independent of the person). "
+            "Empty: policy.toml [rewrite].",
+        )
+        loader.add_option(
+            "keyveil_rewrite_max_delay_ms", str, "",
+            "Largest added delay of the delay mode, in ms. Empty: policy.toml [rewrite].",
+        )
+        loader.add_option(
+            "keyveil_rewrite_seed_scope", str, "",
+            "payload: a fresh synthetic typing profile per payload (sessions cannot be linked by it); "
+            "session: one per proxy run. Empty: policy.toml [rewrite].",
+        )
         loader.add_option("keyveil_max_body", int, Limits.max_body, "Largest request body inspected, in bytes.")
         loader.add_option(
             "keyveil_max_decompressed", int, Limits.max_decompressed,
@@ -82,7 +107,7 @@ class Keyveil:
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
-        if not updated or updated & {"keyveil_config", "keyveil_mode", *LIMIT_OPTIONS}:
+        if not updated or updated & {"keyveil_config", "keyveil_mode", *REWRITE_OPTIONS, *LIMIT_OPTIONS}:
             mode = opts.keyveil_mode or None
             if mode not in (None, "enforce", "audit"):
                 raise exceptions.OptionsError(f"keyveil_mode must be enforce or audit, not {mode!r}")
@@ -97,7 +122,7 @@ class Keyveil:
                 max_nodes=opts.keyveil_max_nodes,
                 time_budget_ms=opts.keyveil_time_budget_ms,
             )
-            key = (opts.keyveil_config, mode, limits)
+            key = (opts.keyveil_config, mode, limits, self._rewrite_overrides())
             if self.pipeline is None or key != self._pipeline_key:
                 self._load_pipeline(key)
         if not updated or updated & {"keyveil_log", "keyveil_journal_detail"}:
@@ -107,13 +132,46 @@ class Keyveil:
         if not updated or updated & {"keyveil_intercept_all", "keyveil_config"}:
             self._scope_interception()
 
+    def _rewrite_overrides(self) -> tuple[tuple[str, object], ...]:
+        """keyveil_rewrite_* options that are set, validated, as (field, value) pairs."""
+        from keyveil import timing
+
+        opts = ctx.options
+        out: list[tuple[str, object]] = []
+        mode = opts.keyveil_rewrite_mode
+        if mode:
+            if mode not in timing.MODES:
+                raise exceptions.OptionsError(f"keyveil_rewrite_mode must be one of {', '.join(timing.MODES)}")
+            out.append(("mode", mode))
+        scope = opts.keyveil_rewrite_seed_scope
+        if scope:
+            if scope not in timing.SEED_SCOPES:
+                raise exceptions.OptionsError("keyveil_rewrite_seed_scope must be payload or session")
+            out.append(("seed_scope", scope))
+        for name, field, lo, hi in (("keyveil_rewrite_strength", "strength", 0.0, 1.0),
+                                    ("keyveil_rewrite_max_delay_ms", "max_delay_ms", 1.0, 5000.0)):
+            raw = getattr(opts, name)
+            if not raw:
+                continue
+            try:
+                val = float(raw)
+            except ValueError:
+                raise exceptions.OptionsError(f"{name} must be a number") from None
+            if not lo <= val <= hi:
+                raise exceptions.OptionsError(f"{name} must be between {lo:g} and {hi:g}")
+            out.append((field, val))
+        return tuple(out)
+
     def _load_pipeline(self, key: tuple) -> None:
-        config, mode, limits = key
+        config, mode, limits, rewrite = key
         try:
             # a bad (re)load raises here; mitmproxy rolls the option back and the old pipeline stays
-            self.pipeline = Pipeline.from_config_dir(config, limits=limits, mode=mode)
+            pipeline = Pipeline.from_config_dir(config, limits=limits, mode=mode)
         except ConfigError as e:
             raise exceptions.OptionsError(f"keyveil: {e}") from None
+        # one secret per proxy run, used only when the rewrite seed scope is "session"
+        pipeline.rewriter = Rewriter({**pipeline.policy.rewrite, **dict(rewrite)}, self._session_seed)
+        self.pipeline = pipeline
         self._pipeline_key = key
 
     @command.command("keyveil.reload")
