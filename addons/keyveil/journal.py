@@ -85,7 +85,7 @@ _STAT_KEY = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 # Keys never journaled, whatever the detail level.
 _SECRET_KEYS = re.compile(
     r"(cookie|token|auth|passw|secret|dtsg|^lsd$|jazoest|session_?id|^sid$|user_?id|^uid$|^c_user$|^xs$|"
-    r"^datr$|device_?id|email|phone)",
+    r"^datr$|device_?id|email|phone|^_*user$|fbid|actor_?id|account|^asid$|^ip$|address)",
     re.I,
 )
 REDACTED = "[redacted]"
@@ -474,14 +474,16 @@ def _bulk_check(objs: list[Any]) -> tuple[list[bytes], list[Any]] | None:
     return payloads, carry
 
 
-def iter_file(path: str | Path, chunk_bytes: int = 8 * MiB) -> Iterator[tuple[FileInfo, list[list[Any]]]]:
+def iter_file(
+    path: str | Path, chunk_bytes: int = 8 * MiB, info: FileInfo | None = None
+) -> Iterator[tuple[FileInfo, list[list[Any]]]]:
     """Yield (info, encoded record arrays) chunk by chunk; `info.table` grows as definitions arrive.
 
     The bulk path hands the stream to msgpack's C unpacker and checks every checksum with `zlib.crc32`
     in C; any anomaly (a torn or corrupt frame) switches to `_strict_frames` from the last good offset,
-    which stops at the first bad frame.
+    which stops at the first bad frame. Pass `info` to learn about files that yield no record.
     """
-    info = FileInfo(Path(path))
+    info = info if info is not None else FileInfo(Path(path))
     try:
         f = open(path, "rb")  # noqa: SIM115 - a generator: closed by the with below
     except OSError as e:
@@ -558,8 +560,8 @@ def scan_files(paths: Iterable[str | Path]) -> list[FileInfo]:
     infos: list[FileInfo] = []
     for p in journal_files(paths):
         info = FileInfo(p)
-        for got, _ in iter_file(p):
-            info = got
+        for _ in iter_file(p, info=info):
+            pass
         infos.append(info)
     return infos
 

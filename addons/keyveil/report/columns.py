@@ -168,8 +168,7 @@ class ColumnBuilder:
     def add_paths(self, paths: Iterable[str | Path]) -> None:
         for p in J.journal_files(paths):
             info = J.FileInfo(p)
-            for got, arrs in J.iter_file(p):
-                info = got
+            for _, arrs in J.iter_file(p, info=info):
                 self.add_chunk(info.table, arrs)
             self.files.append(info)
 
