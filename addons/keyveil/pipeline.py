@@ -148,8 +148,11 @@ class Pipeline:
             return self._process(req, match)
         except Exception as e:
             if match is None:
-                parts = urlsplit(req.url)
-                match = self.catalog.match((parts.hostname or "").lower(), parts.path or "/", req.method)
+                try:
+                    parts = urlsplit(req.url)
+                    match = self.catalog.match((parts.hostname or "").lower(), parts.path or "/", req.method)
+                except ValueError:  # not a URL at all (mitmproxy never sends one): nothing to protect
+                    match = None
                 if match is None:
                     return IGNORED
             return self.refuse(req, match, e)

@@ -18,6 +18,7 @@ def _check_ratio(out_len: int, in_len: int, limits: Limits) -> None:
 
 def inflate(data: bytes, limits: Limits, wbits: int = zlib.MAX_WBITS) -> bytes:
     """zlib (wbits 15) or raw deflate (wbits -15), stopping at limits.max_decompressed."""
+    _zlib_pass(data, limits.max_decompressed, "max_decompressed", wbits, keep=False)  # a bomb costs one step
     d = zlib.decompressobj(wbits)
     try:
         out = d.decompress(data, limits.max_decompressed + 1)
@@ -112,23 +113,40 @@ def decode_content(data: bytes, encoding: str, limits: Limits) -> bytes:
     return out
 
 
+_STEP = 256 * 1024  # inflate in steps of this many bytes
+
+
 def _zlib_members(data: bytes, cap: int, name: str, wbits: int) -> bytes:
-    out = bytearray()
+    _zlib_pass(data, cap, name, wbits, keep=False)  # count first: a bomb costs one step, not cap bytes
+    return _zlib_pass(data, cap, name, wbits, keep=True)
+
+
+def _zlib_pass(data: bytes, cap: int, name: str, wbits: int, keep: bool) -> bytes:
+    parts: list[bytes] = []
+    size = 0
     rest = data
-    while True:
+    while True:  # gzip may hold several members
         d = zlib.decompressobj(wbits)
-        try:
-            out += d.decompress(rest, cap + 1 - len(out))  # never 0 (0 means unbounded): out <= cap here
-        except zlib.error as e:
-            raise DecodeError(f"{'gzip' if wbits == 31 else 'deflate'}: {e}") from None
-        if len(out) > cap or d.unconsumed_tail:
-            raise LimitError(name, f"content-encoding output over {cap} bytes")
+        buf = rest
+        while not d.eof:
+            try:
+                chunk = d.decompress(buf, _STEP)
+            except zlib.error as e:
+                raise DecodeError(f"{'gzip' if wbits == 31 else 'deflate'}: {e}") from None
+            size += len(chunk)
+            if size > cap:
+                raise LimitError(name, f"content-encoding output over {cap} bytes")
+            if keep:
+                parts.append(chunk)
+            buf = d.unconsumed_tail
+            if not buf and not chunk:
+                break
         if not d.eof:
             raise DecodeError("content-encoding: truncated stream")
         rest = d.unused_data
         if not rest or wbits != 31 or not rest.startswith(b"\x1f\x8b"):
-            break  # gzip may hold several members; anything else after the stream is ignored, as curl does
-    return bytes(out)
+            break  # anything else after the stream is ignored, as curl does
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _into(module: object, data: bytes, cap: int, name: str) -> bytes:

@@ -153,7 +153,7 @@ class Decoder:
     # -- nested values ---------------------------------------------------------------------
     def _walk(self, value: Any, parent: Layer, depth: int) -> Any:
         """Replace strings that hold an encoding by Layers, in place; count nodes."""
-        self.nodes += 1
+        self.nodes += 1 + (len(value) if isinstance(value, (dict, list)) else 0)  # children counted up front
         if self.nodes > self.limits.max_nodes:
             raise LimitError("max_nodes", f"over {self.limits.max_nodes} values")
         if self.nodes >= self._next_check:  # the clock is read every few thousand values, not each
@@ -167,8 +167,6 @@ class Decoder:
                         value[k] = self._string(v, parent, depth + 1)
                 elif isinstance(v, (dict, list)):
                     value[k] = self._walk(v, parent, depth + 1)
-                else:
-                    self.nodes += 1
             posts = value.get("posts")
             if isinstance(posts, str) and value.get("compression") == "snappy_base64":
                 value["posts"] = self._snappy_b64(posts, parent, depth + 1)
@@ -180,8 +178,6 @@ class Decoder:
                         value[i] = self._string(v, parent, depth + 1)
                 elif isinstance(v, (dict, list)):
                     value[i] = self._walk(v, parent, depth + 1)
-                else:
-                    self.nodes += 1
         return value
 
     def _string(self, s: str, parent: Layer, depth: int, as_bytes: bytes | None = None) -> Any:
