@@ -217,6 +217,9 @@ class Condition:
     use_pairs: bool = False
     persona_per_typist: bool = False
     """seed_scope=session at its worst: one persona for all sessions of a typist (never rotated)."""
+    keep_span: bool = False
+    """Not a keyveil option: stretch the output back to the typist's own span, to measure what
+    keeping the rewritten series aligned with the original times would leak (the typist's tempo)."""
 
 
 CONDITIONS: tuple[Condition, ...] = (
@@ -238,6 +241,7 @@ CONDITIONS: tuple[Condition, ...] = (
         RewriteConfig(mode="resample", strength=1.0, seed_scope="session"),
         persona_per_typist=True,
     ),
+    Condition("resample s=1, span kept (not offered)", RewriteConfig(mode="resample"), keep_span=True),
 )
 
 
@@ -249,9 +253,13 @@ def rewrite(s: Session, c: Condition, seed: int) -> tuple[np.ndarray, np.ndarray
     if c.persona_per_typist:
         bits = np.random.PCG64(np.random.SeedSequence([seed, zlib.crc32(c.name.encode())]))
         rng = timing.VeilGenerator(bits, hashlib.sha256(f"typist {s.who}".encode()).digest())
-    return timing.rewrite_keystrokes(
+    d, u = timing.rewrite_keystrokes(
         s.down, s.up, c.cfg, rng, pairs=s.pairs if c.use_pairs else None, not_after=s.not_after
     )
+    if c.keep_span:
+        k = (s.down[-1] - s.down[0]) / (d[-1] - d[0])
+        d, u = s.down[0] + (d - d[0]) * k, s.down[0] + (d - d[0]) * k + (u - d)
+    return d, u
 
 
 def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
