@@ -432,3 +432,34 @@ def test_identification_drops_to_chance_after_resample() -> None:
     assert rows["resample s=1"].sm < 2.5 * chance and rows["resample s=1"].knn < 2.5 * chance
     assert rows["resample s=1"].in_range == 1.0 and rows["resample s=1"].constant == 0
     assert rows["clean"].sm > rows["delay 100 ms"].sm > rows["resample s=1"].sm
+
+
+def test_plain_png_fallback_is_a_valid_png(tmp_path: Path) -> None:
+    """Without matplotlib the benchmark still writes a PNG: check its structure and CRCs."""
+    import struct
+    import zlib
+
+    bench = _identify_module()
+    rows = [
+        bench.Row(f"c{i}", acc, acc / 2, acc, acc, 0.0, 0.0, 0.0, 1.0, 0, 0.0)
+        for i, acc in enumerate((0.9, 0.5, 0.02))
+    ]
+    path = tmp_path / "plot.png"
+    bench._plain_png(rows, 50, path)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        tag, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        assert struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])[0] == zlib.crc32(tag + body)
+        chunks[tag] = body
+        pos += 12 + length
+    w, h = struct.unpack(">II", chunks[b"IHDR"][:8])
+    raw = zlib.decompress(chunks[b"IDAT"])
+    assert len(raw) == h * (1 + 3 * w)
+    pixels = np.frombuffer(raw, np.uint8).reshape(h, 1 + 3 * w)[:, 1:].reshape(h, w, 3)
+    # The first bar (90%) is drawn far taller than the last (2%).
+    dark = np.all(pixels == (59, 110, 168), axis=2)
+    heights = dark.sum(axis=0)
+    assert heights.max() > 200 and 0 < heights[heights > 0].min() < 20
