@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from keyveil import websocket as ws
 from keyveil.journal import read_records
 from keyveil.pipeline import Pipeline
@@ -285,3 +286,34 @@ def test_features_strip_through_keyveil_run(tmp_path: Path) -> None:
     assert json.loads(json.loads(mqtt.payload)["payload"])["tasks"] == [send]
     assert [r["action"] for r in records] == ["dropped", "stripped", "dropped", "stripped"]
     assert all(r["routes"].get("typing_indicator") == 1 for r in records)
+
+
+def fixture_events(bodies: list[tuple[str, bytes]]) -> list[dict]:
+    """The real Falco posts of the Banzai fixture, as the events a gateway socket would carry."""
+    from keyveil.codecs import Decoder, plain
+
+    events = []
+    for ct, body in bodies:
+        q = next(f for f in Decoder().body(body, ct).value if f.name == "q")
+        for wad in plain(q.value):
+            for route, data, *_ in wad["posts"]:
+                if route.startswith("falco:"):
+                    extra = json.dumps(data["e"], separators=(",", ":"))
+                    events.append({"name": route[6:], "extra": extra, "rate": data["r"], "time": data["t"]})
+    return events
+
+
+def test_fixture_falco_events_as_a_socket_frame(pipeline: Pipeline, fixture_bodies) -> None:
+    events = fixture_events(fixture_bodies)
+    names = [e["name"] for e in events]
+    assert len(events) == 11 and names.count("ods_web_batch") == 4 and names.count("bd_pdc_signals") == 3
+    out = inspect(pipeline, json.dumps({"events": events}, separators=(",", ":")).encode())
+    assert out.action == "stripped"
+    kept = json.loads(out.content)["events"]
+    assert kept == [e for e in events if e["name"] == "ods_web_batch"]  # counters about other events stay
+    cats = out.record["categories"]
+    assert cats["activity"]["events"] == 3  # two time-spent bit arrays and the navigation time spent
+    assert (
+        cats["fingerprint"]["events"] == 4
+    )  # 3 bd_pdc_signals (by name: not decrypted on sockets), device info
+    assert cats["other"]["events"] == 4
