@@ -303,12 +303,8 @@ class Keyveil:
             return
         pipeline = self.pipeline or self._ensure()
         req = flow.request
-        match = flow.metadata.get("keyveil_ws", False)
-        if match is False:  # looked up once per socket, from the handshake
-            match = pipeline.match(req.pretty_host, req.path, "GET")
-            match = match if websocket.is_ws_match(match) else None
-            flow.metadata["keyveil_ws"] = match
-        if match is None:
+        match = pipeline.match(req.pretty_host, req.path, "GET")  # the handshake's: a few dict lookups
+        if not websocket.is_ws_match(match):
             return
         args = (pipeline, match, req.pretty_host.lower(), req.path.split("?", 1)[0], msg.content)
         kw = {"is_text": msg.is_text, "from_client": True, "ts": time.time()}
