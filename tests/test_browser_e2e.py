@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -135,69 +136,96 @@ def _report(journal: Path, fmt: str, out: Path | None = None) -> str:
     return done.stdout
 
 
-def test_keyveil_keeps_typing_and_clicks_from_the_server(
-    browser: None, fixture_site: Any, tmp_path: Path
-) -> None:
+@dataclass
+class KeyveilRun:
+    visit: Any  # harness.Visit: what the pages said they sent
+    got: Any  # fixture_server.Findings: what arrived at the server
+    records: list[dict[str, Any]]  # the journal
+    journal: Path
+    work: Path
+    bz_expected: int  # Banzai requests the page made: every fetch flush and the beacon
+
+
+@pytest.fixture(scope="module")
+def keyveil_run(browser: None, tmp_path_factory: pytest.TempPathFactory) -> KeyveilRun:
+    """One visit through `keyveil run`, shared by the tests below (each checks one promise)."""
     reason = _missing_keyveil()
     if reason:
         pytest.skip(f"keyveil is not complete: {reason}")
     from keyveil.journal import read_records
 
-    fx = fixture_site
+    work = tmp_path_factory.mktemp("keyveil-browser")
+    journal = work / "journal"  # a folder: the writer names (and rotates) its files itself
     ARTIFACTS.mkdir(exist_ok=True)
-    journal = tmp_path / "journal"  # a folder: the writer names (and rotates) its files itself
-    with harness.run_proxy("keyveil", tmp_path, fx.port, journal) as proxy:
-        v = harness.visit(proxy.port, _pins(proxy, fx), ARTIFACTS, "keyveil", tmp_path / "profile")
-        m = v.messenger
-        bz_expected = m["batches"] + 1  # every fetch flush, and the beacon sent on pagehide
+    with fixture_server.FixtureServer() as fx:
+        with harness.run_proxy("keyveil", work, fx.port, journal) as proxy:
+            v = harness.visit(proxy.port, _pins(proxy, fx), ARTIFACTS, "keyveil", work / "profile")
+            bz_expected = v.messenger["batches"] + 1
 
-        def bz_records() -> list[dict[str, Any]]:
-            return [r for r in read_records(journal) if r["path"] == "/ajax/bz"] if journal.exists() else []
+            def bz_records() -> int:
+                if not journal.exists():
+                    return 0
+                return sum(1 for r in read_records(journal) if r["path"] == "/ajax/bz")
 
-        deadline = time.monotonic() + 10
-        while len(bz_records()) < bz_expected and time.monotonic() < deadline:
-            time.sleep(0.2)  # the journal writer appends at least once a second
-    got = fixture_server.analyze(fx.snapshot())
+            deadline = time.monotonic() + 10
+            while bz_records() < bz_expected and time.monotonic() < deadline:
+                time.sleep(0.2)  # the journal writer appends at least once a second
+        got = fixture_server.analyze(fx.snapshot())
+    return KeyveilRun(v, got, list(read_records(journal)), journal, work, bz_expected)
 
-    # The page noticed nothing: every send answered 200, the message went out, nothing queued for retry.
-    _assert_page_saw_success(v)
-    # At the server: no behavioral data at all.
+
+def test_keyveil_page_sees_every_send_succeed(keyveil_run: KeyveilRun) -> None:
+    """Dropping must look like success to the page: 200s, the message id, nothing queued for retry."""
+    _assert_page_saw_success(keyveil_run.visit)
+
+
+def test_keyveil_no_behavioral_data_reaches_the_server(keyveil_run: KeyveilRun) -> None:
+    got = keyveil_run.got
     assert got.errors == []
     assert got.bz_batches == 0, got.routes  # Banzai is pure telemetry: answered by keyveil
     assert got.keystroke_records == 0 and got.click_posts == 0
     assert got.pointer_events == 0 and got.scroll_events == 0
     assert got.pixel_clicks == 0
-    # The message did arrive, with its ids, and without the typing metrics it was sent with.
-    [send] = got.graphql_sends
-    assert send["friendly_name"] == "useMWChatSendMessageMutation"
-    assert send["input"]["message"]["text"] == harness.SENTENCE
-    assert send["input"]["thread_id"] == "100000000000100"
-    assert "typing_metrics" not in send["input"], send["input"]
-    assert "client_timing" not in send["input"], send["input"]
 
-    # The journal saw every Banzai batch, the beacon included, and dropped each one.
-    records = list(read_records(journal))
-    bz = [r for r in records if r["path"] == "/ajax/bz"]
-    assert len(bz) == bz_expected and {r["action"] for r in bz} == {"dropped"}, [r["action"] for r in bz]
-    # ... and counted in them one keystroke sample per 30100 record, i.e. per key event the page sent.
+
+def test_keyveil_message_arrives_without_typing_metrics(keyveil_run: KeyveilRun) -> None:
+    [send] = keyveil_run.got.graphql_sends
+    sent = send["input"]
+    assert send["friendly_name"] == "useMWChatSendMessageMutation"
+    assert sent["message"]["text"] == harness.SENTENCE
+    assert sent["thread_id"] == "100000000000100" and sent["actor_id"] == "100000000000001"
+    assert "typing_metrics" not in sent, sent
+    assert "client_timing" not in sent, sent  # first key, send time and typing duration
+
+
+def test_keyveil_journal_has_every_banzai_batch_dropped(keyveil_run: KeyveilRun) -> None:
+    m = keyveil_run.visit.messenger
+    bz = [r for r in keyveil_run.records if r["path"] == "/ajax/bz"]
+    assert len(bz) == keyveil_run.bz_expected, "every fetch flush and the pagehide beacon"
+    assert {r["action"] for r in bz} == {"dropped"}, [r["action"] for r in bz]
+    # one keystroke sample per 30100 record, i.e. per key event the page put in bd_pdc_signals
     bz_keys = sum(r["categories"].get("keystroke", {}).get("samples", 0) for r in bz)
     assert bz_keys == m["keystrokeSentPdc"] + m["pendingKeystroke"] == 2 * len(harness.SENTENCE)
-    [gql] = [r for r in records if r["path"] == "/api/graphql/"]
+    [gql] = [r for r in keyveil_run.records if r["path"] == "/api/graphql/"]
     assert gql["action"] == "stripped" and gql["kind"] == "functional", gql
 
-    # keyveil report counts what the page sent: keystroke timing values and click events.
-    report = json.loads(_report(journal, "json"))
-    cats = report_categories(report)
+
+def test_keyveil_report_counts_what_the_page_sent(keyveil_run: KeyveilRun) -> None:
+    v = keyveil_run.visit
+    m = v.messenger
+    cats = json.loads(_report(keyveil_run.journal, "json"))["categories"]
+    # keystroke samples: one per timing value about keys (30100 records, typing_metrics, client_timing)
     assert cats["keystroke"]["samples"] == m["keystrokeValuesSent"] + m["pendingKeystroke"], cats
+    # click events: one per click the page reported (4 in Messenger) and the shop's Pixel click
     assert cats["click"]["events"] == v.expected("click") + v.shop["clickSent"] == 5, cats
 
-    html = tmp_path / "report.html"
-    _report(journal, "html", html)
-    harness.screenshot_file(html, ARTIFACTS / "keyveil-report.png", tmp_path / "profile-report")
-    assert (ARTIFACTS / "keyveil-report.png").stat().st_size > 10_000
+
+def test_keyveil_html_report_screenshot(keyveil_run: KeyveilRun) -> None:
+    html = keyveil_run.work / "report.html"
+    _report(keyveil_run.journal, "html", html)
+    text = html.read_text()
+    assert "keystroke" in text and harness.SENTENCE not in text  # counts, never what was typed
+    shot = ARTIFACTS / "keyveil-report.png"
+    harness.screenshot_file(html, shot, keyveil_run.work / "profile-report")
+    assert shot.stat().st_size > 10_000
     assert (ARTIFACTS / "keyveil-messenger.png").stat().st_size > 10_000
-
-
-def report_categories(report: dict[str, Any]) -> dict[str, dict[str, int]]:
-    """category -> {"events", "samples"} summed over the whole report."""
-    return report["categories"]
