@@ -299,6 +299,70 @@ def test_hold_flight_lists_keep_dd_equal_h_plus_ud() -> None:
         assert np.all(np.diff(down) > 0)  # DD = H + UD rebuilds presses in order
 
 
+# --- per-event key records without key identity (Meta's 30100 keydown/keyup) --------------------
+
+
+@st.composite
+def key_streams(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
+    """Down/up records in a shuffled record order, maybe with releases whose press came earlier."""
+    down, up = draw(st.one_of(human_keys(), any_keys()))
+    orphans = draw(st.integers(0, 2))
+    t = np.concatenate((down[0] - 10.0 * np.arange(orphans, 0, -1), down, up))
+    is_down = np.concatenate((np.zeros(orphans, bool), np.ones(down.size, bool), np.zeros(up.size, bool)))
+    perm = np.array(draw(st.permutations(range(t.size))))
+    return t[perm], is_down[perm]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@PROPS
+@given(data=st.data(), seed=st.integers(0, 2**32))
+def test_key_stream_keeps_record_order_in_time(mode: str, data: st.DataObject, seed: int) -> None:
+    t, is_down = data.draw(key_streams())
+    cfg = data.draw(cfgs(mode))
+    not_after = not_after_of(float(t.max()), data.draw(slack()))
+    out = timing.rewrite_key_stream(t, is_down, cfg, rng_for(seed), not_after=not_after)
+    assert out.shape == t.shape
+    order = np.lexsort((np.arange(t.size), t))
+    assert np.all(np.diff(out[order]) >= 1.0 - EPS), "records changed their order in time"
+    if not_after is not None:
+        assert out.max() <= not_after
+
+
+def test_key_stream_of_real_typing_stays_human_and_keeps_rollover() -> None:
+    """Simulated typists (benchmark's simulator), records as a keylogger sees them: after resample,
+    the same releases overlap the next press, holds and DD are human, and the timing changed."""
+    bench = _identify_module()
+    rng = np.random.default_rng(3)
+    holds_ok, dd_ok, total_h, total_dd = 0, 0, 0, 0
+    for who in range(30):
+        s = bench.type_text(who, bench.make_typist(rng), 100, rng, rng)
+        t = np.concatenate((s.down, s.up))
+        is_down = np.r_[np.ones(s.down.size, bool), np.zeros(s.up.size, bool)]
+        order = np.lexsort((np.arange(t.size), t))
+        t, is_down = t[order], is_down[order]
+        out = timing.rewrite_key_stream(
+            t, is_down, RewriteConfig(), rng_for(who), not_after=float(t.max()) + 300
+        )
+        assert np.all(np.diff(out) > 0)  # records were in time order and still are
+        d0, u0, d, u = t[is_down], t[~is_down], out[is_down], out[~is_down]
+        np.testing.assert_array_equal(np.diff(d0) < (u0 - d0)[:-1], np.diff(d) < (u - d)[:-1])
+        assert not np.allclose(np.diff(d), np.diff(d0))
+        rhythm = np.diff(d0) <= KD.hi_ms
+        holds_ok += int(((u - d >= KH.lo_ms) & (u - d <= KH.hi_ms)).sum())
+        dd_ok += int(((np.diff(d) >= KD.lo_ms) & (np.diff(d) <= KD.hi_ms))[rhythm].sum())
+        total_h, total_dd = total_h + d.size, total_dd + int(rhythm.sum())
+    assert holds_ok / total_h >= 0.995 and dd_ok / total_dd >= 0.995
+
+
+def test_key_stream_keeps_releases_of_earlier_presses() -> None:
+    t = np.array([1000.0, 1100.0, 1180.0, 1400.0, 1490.0])
+    is_down = np.array([False, True, False, True, False])  # the first release belongs to an earlier press
+    out = timing.rewrite_key_stream(t, is_down, RewriteConfig(), rng_for(2))
+    assert out[0] == 1000.0 and np.all(np.diff(out) > 0)
+    with pytest.raises(ValueError, match="differ in length"):
+        timing.rewrite_key_stream(t, is_down[:-1], RewriteConfig(), rng_for(2))
+
+
 # --- pointer paths -----------------------------------------------------------------------------
 
 

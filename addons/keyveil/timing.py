@@ -450,12 +450,24 @@ def rewrite_keystrokes(
         raise ValueError(f"pairs must name the {max(d.size - 1, 0)} intervals, got {len(pairs)}")
     if d.size == 0:
         return d, u
+    return _rewrite_keys(d, u, cfg, rng, pairs, not_after, None)
+
+
+def _rewrite_keys(
+    d: np.ndarray,
+    u: np.ndarray,
+    cfg: RewriteConfig,
+    rng: np.random.Generator,
+    pairs: Sequence[tuple[str, str]] | None,
+    not_after: float | None,
+    overlap: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
     if cfg.mode == "delay":
         nd, nu = _delay_keys(d, u, cfg.delay_ms, rng, not_after)
     elif cfg.mode == "quantize":
         nd, nu = _quantize_keys(d, u, cfg.step_ms)
     else:
-        nd, nu = _resample_keys(d, u, cfg.strength, rng, pairs, not_after)
+        nd, nu = _resample_keys(d, u, cfg.strength, rng, pairs, not_after, overlap)
     last = float(max(nd[-1], nu.max()))
     return _cap_end(nd, last, not_after), _cap_end(nu, last, not_after)
 
@@ -538,6 +550,7 @@ def _resample_keys(
     rng: np.random.Generator,
     pairs: Sequence[tuple[str, str]] | None,
     not_after: float | None,
+    overlap: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     dd, hold = MODELS["keystroke"], MODELS["hold"]
     persona = persona_of(rng)
@@ -559,7 +572,10 @@ def _resample_keys(
     h_draw = _truncated_lognormal(
         np.full(n, math.log(persona.hold_median())), hold.sigma, hold.lo_ms, hold.hi_ms, rng
     )
-    new_h = _vary(_blend(u - d, h_draw, strength, hold.lo_ms, hold.hi_ms), hold.lo_ms, hold.hi_ms)
+    new_h = _blend(u - d, h_draw, strength, hold.lo_ms, hold.hi_ms)
+    if overlap is not None:
+        _align_overlap(new_dd, new_h, overlap, rng)
+    new_h = _vary(new_h, hold.lo_ms, hold.hi_ms)
     rel_d = np.concatenate(([0.0], np.cumsum(new_dd)))
     rel_u = rel_d + new_h
     end = float(rel_u.max())
@@ -569,6 +585,89 @@ def _resample_keys(
         rel_d = rel_d * scale
         rel_u = rel_d + new_h
     return start + rel_d, start + rel_u
+
+
+ROLLOVER_MARGIN_MS = 5.0
+
+
+def _align_overlap(
+    new_dd: np.ndarray, new_h: np.ndarray, overlap: np.ndarray, rng: np.random.Generator
+) -> None:
+    """In place: make each key's release fall on the same side of the next press as it did
+    (`overlap[i]`: released after key i+1 was pressed, i.e. rollover), inside the human ranges."""
+    dd, hold = MODELS["keystroke"], MODELS["hold"]
+    m = ROLLOVER_MARGIN_MS
+    for i in range(new_dd.size):
+        gap, h = new_dd[i], new_h[i]
+        if overlap[i] and h <= gap + m:
+            if gap + 2 * m <= hold.hi_ms:  # hold on past the next press, by a typical rollover
+                new_h[i] = rng.uniform(gap + m, min(hold.hi_ms, gap + m + 60.0))
+            else:  # press the next key sooner instead
+                new_dd[i] = rng.uniform(dd.lo_ms, max(dd.lo_ms, h - m))
+        elif not overlap[i] and h >= gap - m:
+            if gap - m >= hold.lo_ms + m:  # let go before the next press
+                new_h[i] = rng.uniform(hold.lo_ms, gap - m)
+            else:  # press the next key later instead
+                new_dd[i] = h + rng.uniform(m, 6 * m)
+
+
+def rewrite_key_stream(
+    t: np.ndarray | Sequence[float],
+    is_down: np.ndarray | Sequence[bool],
+    cfg: RewriteConfig,
+    rng: np.random.Generator,
+    *,
+    not_after: float | None = None,
+) -> np.ndarray:
+    """Re-time per-event key records that carry no key identity (e.g. one record per keydown/keyup
+    with `key_code: 0`), given in record order. Returns one new time per record.
+
+    Releases are paired with the earliest open press (FIFO), the keys are rewritten as by
+    `rewrite_keystrokes`, and the records keep their order in time (ties by record index): a
+    release that came before the next press still does, so records never need reordering.
+    Releases without a press in the series keep their time (their press was in an earlier payload);
+    presses without a release still count in the rhythm."""
+    a = np.array(t, dtype=np.float64).reshape(-1)
+    down_mask = np.array(is_down, dtype=bool).reshape(-1)
+    if a.shape != down_mask.shape:
+        raise ValueError(f"t and is_down differ in length ({a.size} vs {down_mask.size})")
+    if not np.all(np.isfinite(a)):
+        raise ValueError("t holds NaN or infinite values")
+    if a.size == 0:
+        return a
+    order = np.lexsort((np.arange(a.size), a))  # the stream: by time, ties by record index
+    open_downs: list[int] = []
+    pairs: list[tuple[int, int]] = []  # (down record, up record), FIFO
+    for rec in order:
+        if down_mask[rec]:
+            open_downs.append(int(rec))
+        elif open_downs:
+            pairs.append((open_downs.pop(0), int(rec)))
+    keys_down = [dn for dn, _ in pairs] + open_downs  # FIFO: the unreleased presses are the latest
+    out = a.copy()
+    if keys_down:
+        pos = np.empty(a.size, dtype=np.int64)
+        pos[order] = np.arange(a.size)
+        d = a[keys_down]
+        held = MODELS["hold"].median_ms
+        u = np.array(
+            [a[up] for _, up in pairs]
+            + [
+                max(a[dn], min(a[dn] + held, not_after if not_after is not None else math.inf))
+                for dn in open_downs
+            ]
+        )
+        up_pos = np.array([pos[up] for _, up in pairs] + [a.size + 1] * len(open_downs))
+        overlap = up_pos[:-1] > pos[keys_down[1:]]
+        nd, nu = _rewrite_keys(d, u, cfg, rng, None, not_after, overlap)
+        out[keys_down] = nd
+        out[[up for _, up in pairs]] = nu[: len(pairs)]
+    # Repair: records keep their order in time; 1 ms apart survives rounding to whole ms.
+    last = -math.inf
+    for rec in order:
+        out[rec] = max(out[rec], last + 1.0)
+        last = out[rec]
+    return _cap_end(out, float(out.max()), not_after)
 
 
 def rewrite_hold_flight(
