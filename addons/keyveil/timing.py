@@ -14,6 +14,11 @@ Three modes (see `RewriteConfig` and docs/privacy.md for what each one measurabl
   the person's intervals at strength 1.
 - `quantize`: timestamps floored onto a coarse grid. Weak: it keeps the rhythm at grid resolution.
 
+Entry points: `rewrite_times` (one series of one kind), `rewrite_keystrokes` (press/release per key),
+`rewrite_key_stream` (keydown/keyup records without key identity, e.g. Meta's 30100 records),
+`rewrite_hold_flight` (dwell/flight lists), `rewrite_path` (x/y/t pointer or touch paths); all take a
+`RewriteConfig` and a generator from `make_rng`.
+
 Invariants every mode keeps (tests/test_timing.py checks them with hypothesis):
 order of events kept; every release after its press; DD = H + UD (times are returned, the
 intervals derive from them); the last timestamp never after `not_after`; no constant intervals;
@@ -51,7 +56,7 @@ PAIR_SIGMA = 0.12
 class RewriteConfig:
     """How timing series are rewritten. Each field becomes the mitmproxy option `keyveil_rewrite_<name>`."""
 
-    mode: str = "resample"
+    mode: Mode = "resample"
     """`delay` (bounded random delay, Kloak), `resample` (draws from a population model: the strong
     one), or `quantize` (coarse grid: weak, kept for comparison)."""
     strength: float = 1.0
@@ -62,9 +67,10 @@ class RewriteConfig:
     """delay mode: largest delay added to one event (Kloak's published setting is 100 ms)."""
     grid_ms: float = 50.0
     """quantize mode: grid step in ms (1..1000). Rounding to 10-15 ms is known to hide almost nothing."""
-    seed_scope: str = "payload"
+    seed_scope: SeedScope = "payload"
     """`payload`: a fresh synthetic persona per payload (payloads cannot be linked by timing);
-    `session`: one persona per session (consistent within a session, linkable inside it)."""
+    `session`: one persona per session seed (consistent within a session, linkable inside it;
+    without a session seed, make_rng falls back to a fresh persona)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
