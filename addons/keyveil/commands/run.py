@@ -156,6 +156,13 @@ def run(args: argparse.Namespace) -> int:
     from keyveil import certs, pac, wireguard
 
     _passthrough_confdir(args)
+    try:  # every config file, before anything listens: a clear error naming the file, not a traceback
+        from keyveil.pipeline import Pipeline
+
+        Pipeline.from_config_dir(args.config)
+    except ValueError as e:  # ConfigError
+        print(f"keyveil: {e}", file=sys.stderr)
+        return 2
     argv, kv_mode = build_args(args)
     _, proxy_modes = split_modes(args.mode)
     passthrough = " ".join(getattr(args, "passthrough", []) or [])
