@@ -32,6 +32,7 @@ import hashlib
 import math
 import secrets
 import zlib
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -564,9 +565,9 @@ def _resample_keys(
     gaps = np.diff(d)
     tempo = persona.median(dd) / dd.median_ms
     if pairs is not None:
-        medians = np.array(
-            [pair_median_ms(a, b) * tempo * math.exp(persona.pair_quirk(a, b)) for a, b in pairs]
-        )
+        named = [(str(a), str(b)) for a, b in pairs]  # lists from JSON work too
+        per_pair = {p: pair_median_ms(*p) * tempo * math.exp(persona.pair_quirk(*p)) for p in set(named)}
+        medians = np.array([per_pair[p] for p in named])
     else:
         medians = np.full(gaps.size, persona.median(dd))
     pause = gaps > dd.hi_ms
@@ -642,14 +643,14 @@ def rewrite_key_stream(
     if a.size == 0:
         return a
     order = np.lexsort((np.arange(a.size), a))  # the stream: by time, ties by record index
-    open_downs: list[int] = []
+    open_downs: deque[int] = deque()
     pairs: list[tuple[int, int]] = []  # (down record, up record), FIFO
     for rec in order:
         if down_mask[rec]:
             open_downs.append(int(rec))
         elif open_downs:
-            pairs.append((open_downs.pop(0), int(rec)))
-    keys_down = [dn for dn, _ in pairs] + open_downs  # FIFO: the unreleased presses are the latest
+            pairs.append((open_downs.popleft(), int(rec)))
+    keys_down = [dn for dn, _ in pairs] + list(open_downs)  # FIFO: the unreleased presses are the latest
     out = a.copy()
     if keys_down:
         pos = np.empty(a.size, dtype=np.int64)
