@@ -173,3 +173,26 @@ class TestPrecision:
                 f"Content-Type: image/jpeg\r\n\r\n").encode() + bytes(range(256)) * 4 + f"\r\n--{boundary}--\r\n".encode()
         layer = decode_body(body, f"multipart/form-data; boundary={boundary}")
         assert detector.detect(layer).findings == []
+
+
+class TestCounting:
+    """Samples are timing values or records, each counted once."""
+
+    def test_named_timing_list_counted_once(self, detector):
+        ts = [1034.5 + i * 97.25 + (i % 3) * 11.5 for i in range(10)]
+        cats = detect_json(detector, {"input": {"typing_metrics": {"keydown_ts": ts, "dwell": [80, 95, 120, 101]}}})
+        assert cats == {"keystroke": {"events": 1, "samples": 14}}
+
+    def test_mixed_dom_records_count_per_type(self, detector):
+        recs = []
+        for i in range(8):
+            t = 1737333755000 + i * 100 + (i % 3) * 17
+            recs.append({"type": "scroll", "t": t, "y": i * 40} if i % 2 == 0 else
+                        {"type": "pointermove", "t": t, "clientX": 5 * i, "clientY": 9})
+        cats = detect_json(detector, [{"posts": [["falco:zz", {"r": recs}, 1, 0, 9]]}])
+        assert cats == {"scroll": {"events": 1, "samples": 4}, "pointer": {"events": 1, "samples": 4}}
+
+    def test_client_timing_is_keystroke(self, detector):
+        cats = detect_json(detector, {"input": {"text": "hi", "client_timing": {"compose_start": 1737333755000,
+                                                                           "send_clicked": 1737333759000}}})
+        assert "keystroke" in cats

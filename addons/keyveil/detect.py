@@ -298,9 +298,8 @@ class _Walk:
             lname = f.name.lower()
             cat = self.rules.keys.get(lname)
             if cat and lname not in self.rules.features:
-                cats, signals, series = self._classify_unit(None, f.value)
-                cats[cat] = max(cats.get(cat, 0), _count(f.value))
-                self.out.append(Finding("field", f.name, cats, signals | {"vocab"}, owner, fields, i, series))
+                cats, signals, series = self._named_field(cat, f.value)
+                self.out.append(Finding("field", f.name, cats, signals, owner, fields, i, series))
                 continue
             self.visit(f.value, owner, fields, i, depth + 1)
 
@@ -316,15 +315,14 @@ class _Walk:
                 continue
             cat = self.rules.keys.get(lk) if isinstance(lk, str) else None
             if cat:
-                cats, signals, series = self._classify_unit(None, v)
-                cats[cat] = max(cats.get(cat, 0), _count(v))
-                self.out.append(Finding("field", str(k), cats, signals | {"vocab"}, owner, d, k, series))
+                cats, signals, series = self._named_field(cat, v)
+                self.out.append(Finding("field", str(k), cats, signals, owner, d, k, series))
                 continue
             if isinstance(v, list):
                 shaped = self._series(v)
                 if shaped is not None:
-                    cat, samples, series = shaped
-                    self.out.append(Finding("field", str(k), {cat: samples}, {"shape"}, owner, d, k, series))
+                    found, series = shaped
+                    self.out.append(Finding("field", str(k), found, {"shape"}, owner, d, k, series))
                     continue
             self.visit(v, owner, d, k, depth + 1)
 
@@ -344,8 +342,8 @@ class _Walk:
                     continue
                 shaped = self._series(item)
                 if shaped is not None:
-                    cat, samples, series = shaped
-                    self.out.append(Finding("field", None, {cat: samples}, {"shape"}, owner, lst, i, series))
+                    found, series = shaped
+                    self.out.append(Finding("field", None, found, {"shape"}, owner, lst, i, series))
                     continue
             self.visit(item, owner, lst, i, depth + 1)
 
@@ -366,8 +364,23 @@ class _Walk:
             cats["other"] = 1
         return cats, signals, series
 
+    def _named_field(self, cat: str, value: Any) -> tuple[dict[str, int], set[str], list[Series]]:
+        """A field whose name is in the vocabulary: what is inside it, or the field itself."""
+        cats: dict[str, int] = {}
+        signals = {"vocab"}
+        series: list[Series] = []
+        if isinstance(value, (dict, list, Layer)):
+            self._scan_value(value, cats, signals, series, 0, named=cat)
+        if not cats:
+            cats[cat] = _count(value)
+        return cats, signals, series
+
     def _scan(self, v: Any, cats: dict[str, int], signals: set[str], series: list[Series], depth: int) -> None:
-        """Collect vocabulary and shape evidence anywhere below a unit."""
+        """Collect vocabulary and shape evidence anywhere below a unit.
+
+        Samples count timing values (or records) once: a list named in the vocabulary that is also a
+        timing series counts its values once, and a named container counts what is found inside it.
+        """
         if depth > 256:
             return
         if isinstance(v, (Layer, Field)):
@@ -382,42 +395,55 @@ class _Walk:
                     continue
                 cat = self.rules.keys.get(lk) if lk and lk != "tos_array" else None
                 if cat:
-                    cats[cat] = cats.get(cat, 0) + _count(x)
                     signals.add("vocab")
+                    before = sum(cats.values())
+                    if isinstance(x, (dict, list, Layer)):
+                        self._scan_value(x, cats, signals, series, depth, named=cat)
+                    if sum(cats.values()) == before:  # nothing finer inside: the field itself
+                        cats[cat] = cats.get(cat, 0) + _count(x)
+                    continue
                 if isinstance(x, str):
-                    ecat = self.rules.events.get(x.lower()) if len(x) < 20 else None
-                    if ecat:
-                        cats[ecat] = cats.get(ecat, 0) + 1
-                        signals.add("vocab")
+                    self._event_word(x, cats, signals)
                 elif isinstance(x, (dict, list, Layer)):
-                    if isinstance(x, list):
-                        shaped = self._series(x)
-                        if shaped is not None:
-                            c, n, s = shaped
-                            cats[c] = cats.get(c, 0) + n
-                            series.extend(s)
-                            signals.add("shape")
-                            continue
-                    self._scan(x, cats, signals, series, depth + 1)
+                    self._scan_value(x, cats, signals, series, depth)
         elif isinstance(v, list):
-            shaped = self._series(v)
+            self._scan_value(v, cats, signals, series, depth)
+
+    def _scan_value(self, x: Any, cats: dict[str, int], signals: set[str], series: list[Series], depth: int,
+                    named: str | None = None) -> None:
+        if isinstance(x, list):
+            shaped = self._series(x)
             if shaped is not None:
-                c, n, s = shaped
-                cats[c] = cats.get(c, 0) + n
+                found, s = shaped
+                if named and set(found) <= {"keystroke", "pointer"}:
+                    found = {named: sum(found.values())}  # the name knows better than the rate
+                    for one in s:
+                        one.category = named
+                for c, n in found.items():
+                    cats[c] = cats.get(c, 0) + n
                 series.extend(s)
                 signals.add("shape")
                 return
-            for x in v:
-                if isinstance(x, str):
-                    ecat = self.rules.events.get(x.lower()) if len(x) < 20 else None
-                    if ecat:
-                        cats[ecat] = cats.get(ecat, 0) + 1
-                        signals.add("vocab")
-                elif isinstance(x, (dict, list, Layer, Field)):
-                    self._scan(x, cats, signals, series, depth + 1)
+            if named and x and all(_is_num(e) for e in x):
+                cats[named] = cats.get(named, 0) + len(x)  # a named list of durations (dwell, flight)
+                return
+            for e in x:
+                if isinstance(e, str):
+                    self._event_word(e, cats, signals)
+                elif isinstance(e, (dict, list, Layer, Field)):
+                    self._scan(e, cats, signals, series, depth + 1)
+        else:
+            self._scan(x, cats, signals, series, depth + 1)
 
-    def _series(self, lst: list) -> tuple[str, int, list[Series]] | None:
-        """A timing series in `lst`: plain numbers, x/y/t tuples, or records sharing a time field."""
+    def _event_word(self, x: str, cats: dict[str, int], signals: set[str]) -> None:
+        ecat = self.rules.events.get(x.lower()) if len(x) < 20 else None
+        if ecat:
+            cats[ecat] = cats.get(ecat, 0) + 1
+            signals.add("vocab")
+
+    def _series(self, lst: list) -> tuple[dict[str, int], list[Series]] | None:
+        """A timing series in `lst`: plain numbers, x/y/t tuples, or records sharing a time field.
+        Returns samples per category (records of mixed DOM types count per type) and the series."""
         n = len(lst)
         if n < 4:
             return None
@@ -425,7 +451,7 @@ class _Walk:
         if _is_num(first):
             shaped = timing_shape(lst)
             if shaped:
-                return shaped[0], n, [Series(shaped[0], lst, None, shaped[1])]
+                return {shaped[0]: n}, [Series(shaped[0], lst, None, shaped[1])]
             return None
         if isinstance(first, list) and 3 <= len(first) <= 4 and all(
             isinstance(t, list) and len(t) == len(first) for t in lst
@@ -433,7 +459,7 @@ class _Walk:
             col = len(first) - 1
             shaped = timing_shape([t[col] for t in lst], relative_ok=True, min_cv=0.02)
             if shaped and all(_is_num(t[0]) and _is_num(t[1]) for t in lst):
-                return "pointer", n, [Series("pointer", lst, col, shaped[1])]
+                return {"pointer": n}, [Series("pointer", lst, col, shaped[1])]
             return None
         if isinstance(first, dict):
             if not all(isinstance(x, dict) for x in lst):
@@ -441,15 +467,18 @@ class _Walk:
             for k, v in first.items():
                 if not _is_num(v) or not all(k in x and _is_num(x[k]) for x in lst):
                     continue
-                xy = {"x", "y"} <= first.keys() or {"clientX", "clientY"} <= first.keys()
+                xy = any({"x", "y"} <= x.keys() or {"clientX", "clientY"} <= x.keys() for x in lst)
                 shaped = timing_shape([x[k] for x in lst], relative_ok=True, min_cv=0.02 if xy else 0.1)
                 if not shaped:
                     continue
-                cat = "pointer" if xy else shaped[0]
-                types = {self.rules.events.get(str(x.get("type", "")).lower()) for x in lst} - {None}
-                if len(types) == 1:
-                    cat = types.pop()
-                return cat, n, [Series(cat, lst, k, shaped[1])]
+                found: dict[str, int] = {}
+                for x in lst:
+                    c = self.rules.events.get(str(x.get("type", "")).lower())
+                    if c is None:
+                        c = "pointer" if xy else shaped[0]
+                    found[c] = found.get(c, 0) + 1
+                main = max(found, key=found.__getitem__)
+                return found, [Series(main, lst, k, shaped[1])]
         return None
 
 
