@@ -25,6 +25,7 @@ import math
 import os
 import queue
 import re
+import struct
 import threading
 import time
 import zlib
@@ -54,10 +55,36 @@ DETAILS = ("summary", "full")
 
 _CAT_INDEX = {c: i for i, c in enumerate(CATEGORIES)}
 
-# Positions in the encoded record array. New fields are only ever appended.
-(I_V, I_TS, I_APP, I_ENDPOINT, I_HOST, I_PATH, I_METHOD, I_KIND, I_ACTION, I_MODE, I_SIZE_IN, I_SIZE_OUT,
- I_LAYERS, I_REASON, I_CATS, I_ROUTES, I_STATS, I_DETAIL, I_SESSION, I_EXTRA) = range(20)  # fmt: skip
+# The encoded record: a msgpack array of 20 whose first 57 bytes have a fixed layout (fixed-width
+# msgpack types), so a reader can slice columns out of many records at once with numpy:
+#   0 dc 00 14 (array16)  3 v (fixint)  4 cb ts:f64  13+3k cd sid:u16 for the 11 string fields (k=0..10,
+#   0xffff = null)  46 ce size_in:u32  51 ce size_out:u32  56 detail (fixint 0|1)
+#   57 c4 <n> categories: n/9 x (u8 category index, u32 events, u32 samples)
+#   then c5 <n:u16> routes: n/6 x (u16 sid, u32 count); then stats [sid, number, ...]; then extra map|nil
+# Decoded positions:
+(I_V, I_TS, I_APP, I_ENDPOINT, I_HOST, I_PATH, I_METHOD, I_KIND, I_ACTION, I_MODE, I_LAYERS, I_REASON,
+ I_SESSION, I_SIZE_IN, I_SIZE_OUT, I_DETAIL, I_CATS, I_ROUTES, I_STATS, I_EXTRA) = range(20)  # fmt: skip
 RECORD_LEN = 20
+STR_FIELDS = (
+    "app",
+    "endpoint",
+    "host",
+    "path",
+    "method",
+    "kind",
+    "action",
+    "mode",
+    "layers",
+    "reason",
+    "session",
+)
+HEAD = struct.Struct(">BHBBd" + "BH" * len(STR_FIELDS) + "BIBIB")
+HEAD_LEN = HEAD.size  # 57
+SID_NONE = 0xFFFF
+MAX_SIDS = 0xFF00  # a file's string table stops growing here: the writer rotates
+_CAT = struct.Struct(">BII")
+_ROUTE = struct.Struct(">HI")
+U32 = 0xFFFFFFFF
 
 MiB = 1 << 20
 
@@ -151,7 +178,7 @@ def load_salt(state_dir: str | Path | None = None) -> bytes:
     return salt
 
 
-def _int(v: Any, lo: int = 0, hi: int = 1 << 62) -> int:
+def _int(v: Any, lo: int = 0, hi: int = U32) -> int:
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
         return 0
     return int(min(max(int(v), lo), hi))
@@ -308,44 +335,64 @@ def frame(payload: bytes) -> bytes:
 
 
 class Encoder:
-    """Turns a clean record into a positional array, interning repeated strings per file."""
+    """Encodes clean records (see `redact`) with fixed-width heads, interning strings per file."""
 
     def __init__(self) -> None:
         self.ids: dict[str, int] = {}
         self.pending: dict[int, str] = {}
         self.pack = msgpack.Packer(use_bin_type=True).pack
 
+    @property
+    def full(self) -> bool:
+        return len(self.ids) >= MAX_SIDS
+
     def sid(self, s: str | None) -> int:
         if s is None:
-            return -1
+            return SID_NONE
         i = self.ids.get(s)
         if i is None:
+            if len(self.ids) >= SID_NONE:
+                raise OverflowError("string table full")
             i = self.ids[s] = len(self.ids)
             self.pending[i] = s
         return i
 
     def encode(self, r: dict[str, Any]) -> bytes:
-        return self.pack(self.array(r))
-
-    def array(self, r: dict[str, Any]) -> list[Any]:
-        """The positional form of a clean record (see `redact`)."""
         sid = self.sid
-        cats: list[int] = []
-        for name, v in r["categories"].items():
-            cats += (_CAT_INDEX[name], v["events"], v["samples"])
-        routes: list[int] = []
-        for name, n in r["routes"].items():
-            routes += (sid(name), n)
+        strs = [
+            r["app"], r["endpoint"], r["host"], r["path"], r["method"], r["kind"], r["action"], r["mode"],
+            ",".join(r["layers"]), r["reason"], r.get("session"),
+        ]  # fmt: skip
+        head_vals: list[int | float] = [0xDC, RECORD_LEN, r["v"], 0xCB, float(r["ts"])]
+        for x in strs:
+            head_vals += (0xCD, sid(x))
+        head_vals += (
+            0xCE,
+            min(r["size_in"], U32),
+            0xCE,
+            min(r["size_out"], U32),
+            1 if r.get("detail") == "full" else 0,
+        )
+        cats = b"".join(
+            _CAT.pack(_CAT_INDEX[name], min(v["events"], U32), min(v["samples"], U32))
+            for name, v in r["categories"].items()
+        )
+        routes = b"".join(_ROUTE.pack(sid(name), min(n, U32)) for name, n in r["routes"].items())
         stats: list[int | float] = []
         for name, n in r["stats"].items():
             stats += (sid(name), n)
-        arr = [
-            r["v"], r["ts"], sid(r["app"]), sid(r["endpoint"]), sid(r["host"]), sid(r["path"]),
-            sid(r["method"]), sid(r["kind"]), sid(r["action"]), sid(r["mode"]), r["size_in"], r["size_out"],
-            sid(",".join(r["layers"])), sid(r["reason"]), cats, routes, stats,
-            1 if r.get("detail") == "full" else 0, sid(r.get("session")), r.get("extra"),
-        ]  # fmt: skip
-        return arr
+        return b"".join(
+            (
+                HEAD.pack(*head_vals),
+                b"\xc4", len(cats).to_bytes(1, "big"), cats,
+                b"\xc5", len(routes).to_bytes(2, "big"), routes,
+                self.pack(stats),
+                self.pack(r.get("extra")),
+            )
+        )  # fmt: skip
+
+    def table(self) -> dict[int, str]:
+        return {i: s for s, i in self.ids.items()}
 
     def take_defs(self) -> bytes | None:
         if not self.pending:
@@ -355,16 +402,19 @@ class Encoder:
         return payload
 
 
-def decode_record(arr: list[Any], table: dict[int, str]) -> dict[str, Any]:
-    """An encoded record array back into the schema dict (docs/journal.md)."""
+def decode_record(payload: bytes, table: dict[int, str]) -> dict[str, Any]:
+    """An encoded record back into the schema dict (docs/journal.md)."""
+    arr = msgpack.unpackb(payload, raw=False, strict_map_key=False)
 
     def s(i: int) -> str | None:
-        return None if i < 0 else table.get(i, "?")
+        return None if i == SID_NONE else table.get(i, "?")
 
-    cats = arr[I_CATS]
-    routes = arr[I_ROUTES]
-    stats = arr[I_STATS]
     layers = s(arr[I_LAYERS]) or ""
+    cats = {
+        CATEGORIES[c] if c < len(CATEGORIES) else "other": {"events": ev, "samples": sa}
+        for c, ev, sa in _CAT.iter_unpack(arr[I_CATS])
+    }
+    stats = arr[I_STATS]
     rec: dict[str, Any] = {
         "v": arr[I_V],
         "ts": float(arr[I_TS]),
@@ -376,25 +426,19 @@ def decode_record(arr: list[Any], table: dict[int, str]) -> dict[str, Any]:
         "kind": s(arr[I_KIND]),
         "action": s(arr[I_ACTION]),
         "mode": s(arr[I_MODE]),
-        "categories": {
-            CATEGORIES[cats[j]] if 0 <= cats[j] < len(CATEGORIES) else "other": {
-                "events": cats[j + 1],
-                "samples": cats[j + 2],
-            }
-            for j in range(0, len(cats) - 2, 3)
-        },
-        "routes": {s(routes[j]): routes[j + 1] for j in range(0, len(routes) - 1, 2)},
+        "categories": cats,
+        "routes": {s(i): n for i, n in _ROUTE.iter_unpack(arr[I_ROUTES])},
         "size_in": arr[I_SIZE_IN],
         "size_out": arr[I_SIZE_OUT],
         "layers": layers.split(",") if layers else [],
         "reason": s(arr[I_REASON]) or "",
         "stats": {s(stats[j]): stats[j + 1] for j in range(0, len(stats) - 1, 2)},
     }
-    if len(arr) > I_DETAIL and arr[I_DETAIL]:
+    if arr[I_DETAIL]:
         rec["detail"] = "full"
-    if len(arr) > I_SESSION and arr[I_SESSION] >= 0:
+    if arr[I_SESSION] != SID_NONE:
         rec["session"] = s(arr[I_SESSION])
-    if len(arr) > I_EXTRA and isinstance(arr[I_EXTRA], dict):
+    if isinstance(arr[I_EXTRA], dict):
         rec.update({k: v for k, v in arr[I_EXTRA].items() if k not in rec})
     return rec
 
@@ -451,33 +495,25 @@ def _strict_frames(data: bytes | memoryview, off: int) -> tuple[list[bytes], int
 _MAP_FIRST = re.compile(rb"[\x80-\x8f\xde]")
 
 
-def _unpack_all(payloads: list[bytes]) -> list[Any]:
-    """Decode many payloads in one C loop (their concatenation is a msgpack stream)."""
-    unp = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=0)
-    unp.feed(b"".join(payloads))
-    objs = list(unp)
-    if len(objs) != len(payloads):  # a payload held more or less than one object: go one by one
-        objs = [msgpack.unpackb(p, raw=False, strict_map_key=False) for p in payloads]
-    return objs
-
-
 def _bulk_check(objs: list[Any]) -> tuple[list[bytes], list[Any]] | None:
-    """Split decoded outer objects into verified payloads and a carry (a payload awaiting its crc)."""
+    """Split decoded outer objects into verified payloads and a carry (a payload awaiting its crc).
+    None when anything is off: not (bytes, int) pairs, or a checksum that does not match."""
     k = len(objs) - (len(objs) % 2)
     payloads, crcs, carry = objs[0:k:2], objs[1:k:2], objs[k:]
-    if not all(map(bytes.__instancecheck__, payloads)) or not all(map(int.__instancecheck__, crcs)):
-        return None
     if carry and not isinstance(carry[0], bytes):
         return None
-    if list(map(zlib.crc32, payloads)) != crcs:
+    try:
+        if list(map(zlib.crc32, payloads)) != crcs:  # crc32 refuses anything but bytes in C
+            return None
+    except TypeError:
         return None
     return payloads, carry
 
 
 def iter_file(
     path: str | Path, chunk_bytes: int = 8 * MiB, info: FileInfo | None = None
-) -> Iterator[tuple[FileInfo, list[list[Any]]]]:
-    """Yield (info, encoded record arrays) chunk by chunk; `info.table` grows as definitions arrive.
+) -> Iterator[tuple[FileInfo, list[bytes]]]:
+    """Yield (info, encoded record payloads) chunk by chunk; `info.table` grows as definitions arrive.
 
     The bulk path hands the stream to msgpack's C unpacker and checks every checksum with `zlib.crc32`
     in C; any anomaly (a torn or corrupt frame) switches to `_strict_frames` from the last good offset,
@@ -492,7 +528,7 @@ def iter_file(
         return
     first = True
 
-    def emit(payloads: list[bytes]) -> list[list[Any]] | None:
+    def emit(payloads: list[bytes]) -> list[bytes] | None:
         nonlocal first
         if first and payloads:
             first = False
@@ -510,9 +546,8 @@ def iter_file(
             table = msgpack.unpackb(payloads.pop(i), raw=False, strict_map_key=False)
             if isinstance(table, dict):
                 info.table.update(table)
-        objs = _unpack_all(payloads)
-        info.records += len(objs)
-        return objs
+        info.records += len(payloads)
+        return payloads
 
     with f:
         head = f.read(len(MAGIC))
@@ -567,12 +602,13 @@ def scan_files(paths: Iterable[str | Path]) -> list[FileInfo]:
 
 
 def _file_records(path: Path, since: float | None, until: float | None) -> Iterator[dict[str, Any]]:
-    for info, arrs in iter_file(path):
-        for arr in arrs:
-            ts = arr[I_TS]
+    ts_of = struct.Struct(">d").unpack_from
+    for info, payloads in iter_file(path):
+        for p in payloads:
+            ts = ts_of(p, 5)[0]
             if (since is not None and ts < since) or (until is not None and ts >= until):
                 continue
-            yield decode_record(arr, info.table)
+            yield decode_record(p, info.table)
 
 
 def read_records(
@@ -884,7 +920,7 @@ class JournalWriter:
                 buf += frame(defs)
             buf += frame(payload)
             count += 1
-            if self._size + len(buf) >= self.max_bytes:
+            if self._size + len(buf) >= self.max_bytes or self._enc.full:
                 self._flush_buf(buf, count)
                 buf, count = bytearray(), 0
                 self._close_file()  # rotate: the next record opens a new file

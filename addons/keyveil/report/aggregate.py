@@ -80,11 +80,30 @@ def iso(ts: float | None) -> str | None:
 
 
 def _dense(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(unique values, inverse codes 0..k-1)."""
+    """(sorted unique values, inverse codes 0..k-1). Ids are small non-negative ints here (string ids,
+    hours since the first one), so a bincount and a lookup table replace np.unique's sort."""
     if ids.size == 0:
         return ids[:0], np.zeros(0, dtype=np.int64)
-    u, inv = np.unique(ids, return_inverse=True)
-    return u, inv.reshape(-1)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi - lo > 1 << 24:
+        u, inv = np.unique(ids, return_inverse=True)
+        return u, inv.reshape(-1)
+    shifted = ids - lo if lo else ids
+    present = np.bincount(shifted, minlength=hi - lo + 1) > 0
+    u = np.flatnonzero(present)
+    lut = np.zeros(hi - lo + 1, dtype=np.int64)
+    lut[u] = np.arange(u.size)
+    return (u + lo).astype(ids.dtype, copy=False), lut[shifted]
+
+
+def _dense_by_name(ids: np.ndarray, strings: list[str | None]) -> tuple[list[str], np.ndarray]:
+    """Like _dense, but the codes follow the names' alphabetical order."""
+    u, inv = _dense(ids)
+    names = ["" if strings[int(i)] is None else str(strings[int(i)]) for i in u]
+    order = sorted(range(len(names)), key=names.__getitem__)
+    rank = np.empty(len(names), dtype=np.int64)
+    rank[order] = np.arange(len(names))
+    return [names[i] for i in order], rank[inv]
 
 
 def _grid(a: np.ndarray, na: int, b: np.ndarray, nb: int, weights: np.ndarray | None = None) -> np.ndarray:
@@ -166,7 +185,9 @@ def tallies_from_columns(c: Columns) -> Tallies:
             t.routes[name(i)] += int(rsum[i])
 
     hour = np.floor_divide(c.ts, 3600).astype(np.int64)
-    hour_u, hr = _dense(hour)
+    h0 = int(hour.min())
+    hour_u, hr = _dense(hour - h0)
+    hour_u = hour_u + h0
     hour_act = _grid(hr, len(hour_u), act, na)
     for i, h in enumerate(hour_u.tolist()):
         ctr = t.hours.setdefault(h * 3600, Counter())
@@ -181,21 +202,31 @@ def csv_rows(c: Columns) -> list[tuple[str, str, str, str, int, int, int]]:
     n = len(c)
     if n == 0:
         return []
-    hour_u, hr = _dense(np.floor_divide(c.ts, 3600).astype(np.int64))
-    app_u, app = _dense(c.app)
-    act_u, act = _dense(c.action)
-    nap, na, nc = len(app_u), len(act_u), len(CATEGORIES) + 1
-    none = len(CATEGORIES)
+    hours = np.floor_divide(c.ts, 3600).astype(np.int64)
+    h0 = int(hours.min())
+    hour_u, hr = _dense(hours - h0)
+    app_names, app = _dense_by_name(c.app, c.strings)
+    act_names, act = _dense_by_name(c.action, c.strings)
+    nh, nap, na, nc = len(hour_u), len(app_names), len(act_names), len(CATEGORIES) + 1
 
     has_cat = np.bincount(c.cat_row, minlength=n) > 0
     bare = np.flatnonzero(~has_cat)
     rows = np.concatenate([c.cat_row, bare])
-    cats = np.concatenate([c.cat_id, np.full(bare.size, none, dtype=np.int64)])
-    events = np.concatenate([c.cat_events, np.zeros(bare.size, dtype=np.int64)])
-    samples = np.concatenate([c.cat_samples, np.zeros(bare.size, dtype=np.int64)])
+    cats = np.concatenate([c.cat_id.astype(np.int64), np.full(bare.size, nc - 1, dtype=np.int64)])
+    events = np.concatenate([c.cat_events, np.zeros(bare.size, dtype=c.cat_events.dtype)])
+    samples = np.concatenate([c.cat_samples, np.zeros(bare.size, dtype=c.cat_samples.dtype)])
+    # one key per (hour, app, category, action), in that sort order
     key = ((hr[rows] * nap + app[rows]) * nc + cats) * na + act[rows]
-    ku, kinv = _dense(key)
-    flows = np.bincount(kinv, minlength=ku.size)
+    if nh * nap * nc * na <= 1 << 26:
+        flows_all = np.bincount(key, minlength=nh * nap * nc * na)
+        ku = np.flatnonzero(flows_all)
+        flows = flows_all[ku]
+        lut = np.zeros(flows_all.size, dtype=np.int64)
+        lut[ku] = np.arange(ku.size)
+        kinv = lut[key]
+    else:
+        ku, kinv = np.unique(key, return_inverse=True)
+        flows = np.bincount(kinv, minlength=ku.size)
     ev = np.bincount(kinv, weights=events, minlength=ku.size).astype(np.int64)
     sa = np.bincount(kinv, weights=samples, minlength=ku.size).astype(np.int64)
 
@@ -206,31 +237,19 @@ def csv_rows(c: Columns) -> list[tuple[str, str, str, str, int, int, int]]:
     p_i = rest % nap
     h_i = rest // nap
     cat_names = [*CATEGORIES, NO_CATEGORY]
-    hours = [iso(float(h) * 3600) for h in hour_u.tolist()]
-    out = [
-        (
-            hours[h],
-            c.strings[int(app_u[p])] or "",
-            cat_names[ci],
-            c.strings[int(act_u[a])] or "",
-            int(f),
-            int(e),
-            int(s_),
-        )
-        for h, p, ci, a, f, e, s_ in zip(
-            h_i.tolist(),
-            p_i.tolist(),
-            c_i.tolist(),
-            a_i.tolist(),
+    hour_names = [iso(float(h + h0) * 3600) for h in hour_u.tolist()]
+    return list(
+        zip(
+            [hour_names[i] for i in h_i.tolist()],
+            [app_names[i] for i in p_i.tolist()],
+            [cat_names[i] for i in c_i.tolist()],
+            [act_names[i] for i in a_i.tolist()],
             flows.tolist(),
             ev.tolist(),
             sa.tolist(),
             strict=True,
         )
-    ]
-    order = {name: i for i, name in enumerate(cat_names)}
-    out.sort(key=lambda r: (r[0], r[1], order[r[2]], r[3]))
-    return out
+    )
 
 
 # -- the document ----------------------------------------------------------------------------------

@@ -117,7 +117,9 @@ def timeline_svg(s: dict[str, Any], width: int = 900, height: int = 240) -> Mark
         label = datetime.fromtimestamp(start + i * step, UTC).strftime(fmt)
         anchor = "start" if k == 0 and nticks > 1 else "end" if k == nticks - 1 and nticks > 1 else "middle"
         x = ml if anchor == "start" else width - mr if anchor == "end" else x
-        parts.append(f'<text x="{x:.1f}" y="{height - 12}" text-anchor="{anchor}" class="tick">{label}</text>')
+        parts.append(
+            f'<text x="{x:.1f}" y="{height - 12}" text-anchor="{anchor}" class="tick">{label}</text>'
+        )
     parts.append("</svg>")
     return Markup("".join(parts))
 
