@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import sys
 import time
 from pathlib import Path
 
@@ -24,9 +25,13 @@ from keyveil.pipeline import Outcome, Pipeline, Request
 log = logging.getLogger("keyveil")
 
 LIVE_HOST = "keyveil"  # http://keyveil/ through the proxy shows the live summary
-OFF_LOOP_BYTES = 64 * 1024
+OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are decoded in a worker thread
+# While that thread runs, the event loop waits for the GIL at every wake-up. Python's default switch
+# interval (5 ms) made a concurrent small request ~10-20 ms slower; 0.5 ms keeps it to ~1-2 ms
+# (tests/test_event_loop.py, benchmarks/README.md).
+GIL_SWITCH_INTERVAL = 0.0005
 REWRITE_OPTIONS = ("keyveil_rewrite_mode", "keyveil_rewrite_strength", "keyveil_rewrite_max_delay_ms",
-                   "keyveil_rewrite_seed_scope")  # bodies larger than this are decoded in a worker thread
+                   "keyveil_rewrite_seed_scope")
 LIMIT_OPTIONS = (
     "keyveil_max_body", "keyveil_max_decompressed", "keyveil_max_ratio", "keyveil_max_depth",
     "keyveil_max_nodes", "keyveil_time_budget_ms",
@@ -45,6 +50,7 @@ class Keyveil:
 
     # -- options -------------------------------------------------------------------------------
     def load(self, loader) -> None:
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
         loader.add_option(
             "keyveil_config", str, str(default_config_dir()),
             "Folder with keyveil's endpoints.toml, detection.toml and policy.toml.",
