@@ -371,8 +371,7 @@ class _Walk:
         series: list[Series] = []
         if isinstance(value, (dict, list, Layer)):
             self._scan_value(value, cats, signals, series, 0, named=cat)
-        if not cats:
-            cats[cat] = _count(value)
+        _top_up(cats, cat, value, 0)
         return cats, signals, series
 
     def _scan(self, v: Any, cats: dict[str, int], signals: set[str], series: list[Series], depth: int) -> None:
@@ -399,8 +398,7 @@ class _Walk:
                     before = sum(cats.values())
                     if isinstance(x, (dict, list, Layer)):
                         self._scan_value(x, cats, signals, series, depth, named=cat)
-                    if sum(cats.values()) == before:  # nothing finer inside: the field itself
-                        cats[cat] = cats.get(cat, 0) + _count(x)
+                    _top_up(cats, cat, x, before)
                     continue
                 if isinstance(x, str):
                     self._event_word(x, cats, signals)
@@ -540,12 +538,25 @@ def _is_post(lst: list) -> bool:
     )
 
 
-def _count(v: Any) -> int:
+def _top_up(cats: dict[str, int], cat: str, value: Any, before: int) -> None:
+    """A named field counts at least its numeric values (or 1): what the walk inside it found
+    (since `before`) is topped up to that, so every value counts once."""
+    found = sum(cats.values()) - before
+    want = max(_numbers(value, 0), 1)
+    if want > found:
+        cats[cat] = cats.get(cat, 0) + want - found
+
+
+def _numbers(v: Any, depth: int) -> int:
+    if depth > 32:
+        return 0
     if isinstance(v, Layer):
-        return _count(v.value)
-    if isinstance(v, (list, dict)):
-        return max(len(v), 1)
-    return 1
+        return _numbers(v.value, depth + 1)
+    if isinstance(v, dict):
+        return sum(_numbers(x, depth + 1) for x in v.values())
+    if isinstance(v, list):
+        return sum(_numbers(x, depth + 1) for x in v)
+    return 1 if _is_num(v) else 0
 
 
 def _popcount(v: Any) -> int:
