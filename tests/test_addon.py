@@ -114,3 +114,20 @@ class TestKeyveil:
                 with pytest.raises(exceptions.OptionsError):
                     tctx.configure(kv, **bad)
             assert kv.pipeline.rewriter.cfg.mode == "delay"
+
+    async def test_report_command_and_live_summary(self, tmp_path, fixture_bodies):
+        kv = Keyveil()
+        with taddons.context(kv) as tctx:
+            tctx.configure(kv, keyveil_config=str(ROOT / "config"), keyveil_log=str(tmp_path / "j"))
+            for ct, body in fixture_bodies:
+                await kv.request(flow("www.facebook.com", "/ajax/bz", body, ct=ct))
+            out = tctx.command(kv.report_cmd, str(tmp_path / "r.json"))
+            rep = json.loads(Path(out).read_text())
+            assert rep["flows"] == len(fixture_bodies) and rep["actions"]["dropped"] == len(fixture_bodies)
+            assert rep["categories"]["activity"]["events"] == 3
+            page = flow("keyveil", "/", method="GET")
+            page.request.scheme, page.request.port = "http", 80
+            await kv.request(page)
+            assert page.response.status_code == 200 and b"<svg" in page.response.content
+            assert kv.live.summary()["flows"] == len(fixture_bodies)
+            kv.done()

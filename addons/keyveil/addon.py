@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from mitmproxy import command, ctx, exceptions, http, tls
+from mitmproxy import types as mtypes
 
 from keyveil.apply import Rewriter
 from keyveil.catalog import ConfigError
@@ -42,7 +43,7 @@ class Keyveil:
     def __init__(self) -> None:
         self.pipeline: Pipeline | None = None
         self.journal = None
-        self.live = None
+        self.live = _live_summary()
         self.counts: dict[str, int] = {}
         self._journal_path: str | None = None
         self._pipeline_key: tuple = ()
@@ -365,10 +366,35 @@ class Keyveil:
             self.journal = None
 
     # -- commands ------------------------------------------------------------------------------
+    @command.command("keyveil.report")
+    def report_cmd(self, path: mtypes.Path) -> str:
+        """Write a report of the journal to PATH; the format follows the extension (.html, .json,
+        .csv, .md, .txt). Returns the path written."""
+        from keyveil.journal import read_records
+        from keyveil.report import write_report
+
+        fmt = {".html": "html", ".htm": "html", ".json": "json", ".csv": "csv", ".md": "md"}.get(
+            Path(path).suffix.lower(), "text")
+        if not self._journal_path:
+            raise exceptions.CommandError("keyveil.report: journaling is off (keyveil_log is empty)")
+        if self.journal is not None:
+            self.journal.flush()
+        out = write_report(read_records([self._journal_path]), fmt, path)
+        log.info("keyveil: report written to %s", out)
+        return str(out)
+
     @command.command("keyveil.counts")
     def counts_cmd(self) -> str:
         """What keyveil has done since the proxy started, as action=count pairs."""
         return " ".join(f"{k}={v}" for k, v in sorted(self.counts.items())) or "nothing yet"
+
+
+def _live_summary():
+    try:
+        from keyveil.report import LiveSummary
+    except ImportError:  # pragma: no cover - reports are part of the package; keep the proxy up anyway
+        return None
+    return LiveSummary()
 
 
 def _plain_summary(counts: dict[str, int]) -> str:
