@@ -165,7 +165,8 @@ class LiveSummary:
         t.bytes_out += int(record.get("size_out") or 0)
 
     def summary(self) -> dict[str, Any]:
-        return assemble(self.t, filters={"live": True}, journal={"files": 0, "torn_bytes": 0})
+        filters = {"since": None, "until": None, "apps": [], "categories": [], "detail": "any", "live": True}
+        return assemble(self.t, filters=filters, journal={"files": 0, "torn_bytes": 0})
 
     def render_html(self) -> bytes:
         from keyveil.report.html import render_html

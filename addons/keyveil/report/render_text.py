@@ -52,9 +52,11 @@ def render_text(report: Report, width: int = 78) -> str:
     if notice:
         add(f"NOTE: {notice}")
     f = s["filters"]
-    active = [f"{k}={v}" for k, v in f.items() if v and v != "any"]
+    active = [
+        f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in f.items() if v and v != "any" and k != "live"
+    ]
     if active:
-        add("filters: " + ", ".join(str(a) for a in active))
+        add("filters: " + ", ".join(active))
     if not flows:
         return "\n".join(out) + "\n"
 
