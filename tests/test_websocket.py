@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from keyveil import bdsignals
 from keyveil import websocket as ws
 from keyveil.journal import read_records
 from keyveil.pipeline import Pipeline
@@ -303,6 +304,13 @@ def fixture_events(bodies: list[tuple[str, bytes]]) -> list[dict]:
     return events
 
 
+def signal_ids(event: dict) -> set[str] | None:
+    if event["name"] != "bd_pdc_signals":
+        return None
+    e = json.loads(event["extra"])
+    return set(bdsignals.parse_signals(bdsignals.decrypt_sjd(e["sjd"], e["asid"])))
+
+
 def test_fixture_falco_events_as_a_socket_frame(pipeline: Pipeline, fixture_bodies) -> None:
     events = fixture_events(fixture_bodies)
     names = [e["name"] for e in events]
@@ -310,10 +318,28 @@ def test_fixture_falco_events_as_a_socket_frame(pipeline: Pipeline, fixture_bodi
     out = inspect(pipeline, json.dumps({"events": events}, separators=(",", ":")).encode())
     assert out.action == "stripped"
     kept = json.loads(out.content)["events"]
-    assert kept == [e for e in events if e["name"] == "ods_web_batch"]  # counters about other events stay
-    cats = out.record["categories"]
-    assert cats["activity"]["events"] == 3  # two time-spent bit arrays and the navigation time spent
-    assert (
-        cats["fingerprint"]["events"] == 4
-    )  # 3 bd_pdc_signals (by name: not decrypted on sockets), device info
-    assert cats["other"]["events"] == 4
+    # counters about other events and the two heartbeat-only bd_pdc_signals stay, byte for byte
+    assert kept == [e for e in events if e["name"] == "ods_web_batch" or signal_ids(e) == {"38001"}]
+    assert len(kept) == 6
+    cats = out.record["categories"]  # the same yield as the Banzai bodies over HTTP
+    assert cats["activity"] == {
+        "events": 3,
+        "samples": 29,
+    }  # two time-spent bit arrays, navigation time spent
+    assert cats["fingerprint"] == {"events": 2, "samples": 20}  # 17 decrypted signals, 3 device fields
+    assert cats["other"]["events"] == 6
+
+
+def test_bd_pdc_signals_event_on_a_socket_is_decrypted(pipeline: Pipeline) -> None:
+    asid = "3f2c9a10-5b7d-4e21-9c44-0a1b2c3d4e5f"  # made up
+    t, recs = 1737333755.0, []
+    for i in range(8):
+        t += 0.06 + (i * 0.037) % 0.12
+        recs.append({"t": round(t, 3), "ctx": {"cn": "https://www.messenger.com/t/1"},
+                     "v": {"action": 2 - i % 2, "key_code": 0}})  # fmt: skip
+    plain = bdsignals.dumps_signals({"30100": recs, "38001": [{"t": round(t, 3), "v": {"f": True}}]})
+    extra = {"asid": asid, "ct": 1659080345, "sjd": bdsignals.encrypt_sjd(plain, asid), "sid": "s1"}
+    ev = {"name": "bd_pdc_signals", "extra": json.dumps(extra, separators=(",", ":")), "rate": 1, "time": 1}
+    out = inspect(pipeline, frame(PAGE_LOAD, ev))
+    assert out.record["categories"]["keystroke"]["samples"] == 8
+    assert out.content == frame(PAGE_LOAD)

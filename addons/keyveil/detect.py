@@ -307,7 +307,10 @@ class _Walk:
         name = d.get("name")
         if isinstance(name, str) and any(k in d for k in _EVENT_KEYS):
             cats, signals, series = self._classify_unit(name, d)
-            self.out.append(Finding("event", name, cats, signals, owner, container, key, series, d))
+            event = Finding("event", name, cats, signals, owner, container, key, series, d)
+            if name.endswith("bd_pdc_signals"):  # a Falco event on a socket: its extra is the post's `e`
+                _bd_classify(event, {"e": d.get("extra")})
+            self.out.append(event)
             return
         for k, v in d.items():
             lk = k.lower() if isinstance(k, str) else k
