@@ -352,3 +352,27 @@ def test_grouping_per_hour_is_utc_hours(tmp_path: Path) -> None:
     for b in s["timeline"]["buckets"]:
         by_hour[b["start"]] += b["flows"]
     assert by_hour == {"2024-12-04T23:00:00Z": 1, "2024-12-05T00:00:00Z": 4}
+
+
+def test_records_in_an_unknown_layout_are_skipped_and_counted(tmp_path: Path) -> None:
+    import msgpack
+
+    from keyveil import journal as J
+
+    enc = J.Encoder()
+    good = [J.redact(r)[0] for r in make_records(5)]
+    frames = [
+        J.frame(msgpack.packb({"format": 1, "schema": 1, "created": 0.0, "pid": 1, "detail": "summary"}))
+    ]
+    payloads = [enc.encode(r) for r in good]
+    frames.append(J.frame(enc.take_defs() or b""))
+    frames += [J.frame(p) for p in payloads[:3]]
+    frames.append(J.frame(msgpack.packb([1, 2, 3])))  # too short to be a record
+    frames.append(J.frame(msgpack.packb(list(range(40)))))  # long enough, wrong head
+    frames += [J.frame(p) for p in payloads[3:]]
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "x.kvj").write_bytes(J.MAGIC + b"".join(frames))
+    s = report_from_paths([tmp_path / "j"]).summary
+    assert s["flows"] == 5 and s["journal"]["skipped_records"] == 2
+    assert s["categories"] == report_from_records(good).summary["categories"]
+    assert [r["ts"] for r in read_records(tmp_path / "j")] == [r["ts"] for r in good]

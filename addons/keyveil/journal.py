@@ -605,10 +605,17 @@ def _file_records(path: Path, since: float | None, until: float | None) -> Itera
     ts_of = struct.Struct(">d").unpack_from
     for info, payloads in iter_file(path):
         for p in payloads:
+            if len(p) < HEAD_LEN:
+                continue
             ts = ts_of(p, 5)[0]
             if (since is not None and ts < since) or (until is not None and ts >= until):
                 continue
-            yield decode_record(p, info.table)
+            try:
+                rec = decode_record(p, info.table)
+            except (ValueError, TypeError, IndexError, KeyError, struct.error) as e:
+                logger.debug("journal: %s: a record in an unknown layout skipped: %s", path, e)
+                continue
+            yield rec
 
 
 def read_records(

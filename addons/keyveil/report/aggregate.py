@@ -399,6 +399,7 @@ def build_report(
             "files": len(files),
             "records_read": len(c),
             "torn_bytes": sum(f.torn_bytes for f in files),
+            "skipped_records": c.skipped,
         },
     )
     return Report(summary, csv_rows(sel) if with_rows else None)

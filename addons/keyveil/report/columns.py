@@ -44,6 +44,7 @@ class Columns:
     route_id: np.ndarray  # ids into `strings`
     route_count: np.ndarray
     files: list[J.FileInfo] = field(default_factory=list)
+    skipped: int = 0  # records with a layout this reader does not know (a newer writer, or damage)
 
     def __len__(self) -> int:
         return int(self.ts.shape[0])
@@ -80,6 +81,7 @@ class Columns:
             route_id=self.route_id[rk],
             route_count=self.route_count[rk],
             files=self.files,
+            skipped=self.skipped,
         )
 
 
@@ -216,6 +218,7 @@ class ColumnBuilder:
             route_id=cat("route_id", np.int32),
             route_count=cat("route_count", np.int32),
             files=self.files,
+            skipped=self.skipped,
         )
 
 

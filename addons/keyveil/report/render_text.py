@@ -53,7 +53,9 @@ def render_text(report: Report, width: int = 78) -> str:
         add(f"NOTE: {notice}")
     f = s["filters"]
     active = [
-        f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in f.items() if v and v != "any" and k != "live"
+        f"{k}={','.join(v) if isinstance(v, list) else v}"
+        for k, v in f.items()
+        if v and v != "any" and k != "live"
     ]
     if active:
         add("filters: " + ", ".join(active))
