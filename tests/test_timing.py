@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -23,7 +24,12 @@ from keyveil.timing import MIN_SPREAD_MS, MODELS, MODES, SEED_SCOPES, RewriteCon
 pytestmark = pytest.mark.timeout(120)
 
 EPS = 1e-3  # ms: float error of differences at epoch-ms magnitudes (1.9e12 has 2.4e-4 ms spacing)
-PROPS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# KEYVEIL_EXAMPLES=1000 for a deeper search than the quick default.
+PROPS = settings(
+    max_examples=int(os.environ.get("KEYVEIL_EXAMPLES", "50")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 KD, KH = MODELS["keystroke"], MODELS["hold"]
 
 starts = st.one_of(st.just(0.0), st.floats(0.0, 1e6), st.floats(1.6e12, 1.9e12))
