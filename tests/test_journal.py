@@ -261,13 +261,20 @@ def test_permissions_0700_and_0600_whatever_the_umask(tmp_path: Path) -> None:
         w = write_all(d, [rec(1)])
         assert stat.S_IMODE(d.stat().st_mode) == 0o700
         assert stat.S_IMODE(Path(w.path).stat().st_mode) == 0o600  # type: ignore[arg-type]
-        open_dir = tmp_path / "open"
-        open_dir.mkdir(mode=0o777)
-        os.chmod(open_dir, 0o755)
-        write_all(open_dir, [rec(1)])
-        assert stat.S_IMODE(open_dir.stat().st_mode) == 0o700
     finally:
         os.umask(old)
+
+
+def test_an_existing_open_folder_is_left_alone_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    open_dir = tmp_path / "shared"  # like /tmp: chmod-ing it would break other users
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o1777)
+    w = write_all(open_dir, [rec(1)])
+    assert stat.S_IMODE(open_dir.stat().st_mode) == 0o1777
+    assert stat.S_IMODE(Path(w.path).stat().st_mode) == 0o600  # type: ignore[arg-type]
+    assert any("readable by other users" in r.message for r in caplog.records)
 
 
 def _fixture_secrets() -> tuple[dict, list[str]]:

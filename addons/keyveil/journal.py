@@ -657,12 +657,20 @@ _STOP = object()
 
 
 def _ensure_dir(d: Path) -> None:
+    """Create `d` (and parents) with mode 0700. An existing folder is left as it is (it may be shared,
+    like /tmp): a warning says so when others can read it; the files in it are 0600 anyway."""
     if d.is_dir():
-        if d.stat().st_mode & 0o077 and d.stat().st_uid == os.getuid():
-            os.chmod(d, 0o700)
+        mode = d.stat().st_mode
+        if mode & 0o077 and d not in _WARNED_DIRS:
+            _WARNED_DIRS.add(d)
+            logger.warning("journal: %s is readable by other users (mode %o); keyveil's files in it are 0600", d,
+                           mode & 0o777)  # fmt: skip
         return
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(d, 0o700)  # mkdir's mode is filtered by the umask
+
+
+_WARNED_DIRS: set[Path] = set()
 
 
 class JournalWriter:

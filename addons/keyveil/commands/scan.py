@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from keyveil.config import default_config_dir
 from keyveil.report import FORMATS, render, report_from_records
@@ -64,6 +64,8 @@ def iter_har(path: Path) -> Iterator[HttpItem | WsItem]:
         post = req.get("postData") or {}
         text = post.get("text") or ""
         body = base64.b64decode(text) if post.get("encoding") == "base64" else text.encode("utf-8")
+        if not body and post.get("params"):  # Firefox may give a form's fields only
+            body = urlencode([(str(p.get("name", "")), str(p.get("value", ""))) for p in post["params"]]).encode()
         headers = _headers(req.get("headers"))
         if post.get("mimeType") and "content-type" not in headers:
             headers["content-type"] = post["mimeType"]
