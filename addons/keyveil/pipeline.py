@@ -300,8 +300,11 @@ class Pipeline:
             headers["access-control-allow-origin"] = origin
             headers["access-control-allow-credentials"] = "true"
         body = ans.body
-        if ans.gif and req.method.upper() == "GET":
-            body = GIF_1X1
+        if ans.gif:
+            if req.method.upper() == "GET":
+                body = GIF_1X1
+            else:  # a beacon or fetch POST gets an empty 200, not an empty "image"
+                headers["content-type"] = "text/plain; charset=utf-8"
         return LocalAnswer(ans.status, headers, body)
 
     def _record(self, req: Request, match: Match, host: str, path: str, ts: float) -> dict[str, Any]:
