@@ -370,7 +370,7 @@ def _grid_steps(k: np.ndarray, gaps: np.ndarray, lo: float, hi: float, g: float)
     return out
 
 
-def _vary_grid(k: np.ndarray, gaps: np.ndarray, lo: float, hi: float, g: float) -> np.ndarray:
+def _vary_grid(k: np.ndarray, gaps: np.ndarray, lo: float, g: float) -> np.ndarray:
     """Constant grid steps: move the last event one step (earlier when the range allows)."""
     d = np.diff(k)
     if d.size < 2 or np.ptp(d) > 0:
@@ -381,8 +381,7 @@ def _vary_grid(k: np.ndarray, gaps: np.ndarray, lo: float, hi: float, g: float) 
     if last - 1 >= max(low, 1):
         out[-1] -= 1
     else:
-        out[-1] += 1
-    _ = hi
+        out[-1] += 1  # inside the range for grids up to 100 ms; coarser grids may leave it
     return out
 
 
@@ -390,7 +389,7 @@ def _quantize_series(a: np.ndarray, model: IntervalModel, g: float) -> np.ndarra
     k = np.floor(a / g)
     gaps = np.diff(a)
     k = _grid_steps(k, gaps, model.lo_ms, model.hi_ms, g)
-    k = _vary_grid(k, gaps, model.lo_ms, model.hi_ms, g)
+    k = _vary_grid(k, gaps, model.lo_ms, g)
     return k * g
 
 
@@ -539,7 +538,7 @@ def _vary_keys(nd: np.ndarray, nu: np.ndarray, d: np.ndarray, u: np.ndarray) -> 
 def _quantize_keys(d: np.ndarray, u: np.ndarray, g: float) -> tuple[np.ndarray, np.ndarray]:
     dd, hold = MODELS["keystroke"], MODELS["hold"]
     gaps = np.diff(d)
-    kd = _vary_grid(_grid_steps(np.floor(d / g), gaps, dd.lo_ms, dd.hi_ms, g), gaps, dd.lo_ms, dd.hi_ms, g)
+    kd = _vary_grid(_grid_steps(np.floor(d / g), gaps, dd.lo_ms, dd.hi_ms, g), gaps, dd.lo_ms, g)
     h = u - d
     low = np.array([max(1, math.ceil(min(hold.lo_ms, x) / g - 1e-9)) for x in h], dtype=np.float64)
     high = np.maximum(low, np.floor(np.maximum(hold.hi_ms, h) / g + 1e-9))
