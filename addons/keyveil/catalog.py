@@ -73,13 +73,43 @@ class Catalog:
     answers: dict[str, Answer]
     source: str = "<memory>"
     _by_host: dict[str, list[Endpoint]] = field(default_factory=dict, repr=False)
+    # host suffix -> exact path -> endpoints in file order; and the prefix/glob endpoints per suffix
+    _exact: dict[str, dict[str, list[Endpoint]]] = field(default_factory=dict, repr=False)
+    _patterned: dict[str, list[Endpoint]] = field(default_factory=dict, repr=False)
+    _patterns: dict[tuple[str, str], tuple[re.Pattern[str] | None, list[Endpoint]]] = field(
+        default_factory=dict, repr=False
+    )
+    _methods: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         by_host: dict[str, list[Endpoint]] = {}
         for ep in self.endpoints:
             for h in ep.hosts:
                 by_host.setdefault(h, []).append(ep)
+                if ep.paths:
+                    exact = self._exact.setdefault(h, {})
+                    for path in ep.paths:
+                        exact.setdefault(path, []).append(ep)
+                if ep.path_prefixes or ep.path_globs:
+                    self._patterned.setdefault(h, []).append(ep)
         self._by_host = by_host
+        self._methods = frozenset(m for ep in self.endpoints for m in ep.methods)
+
+    def _pattern(self, host: str, method: str) -> tuple[re.Pattern[str] | None, list[Endpoint]]:
+        """One regex for every prefix and glob of the endpoints on `host` that accept `method`,
+        alternatives in file order, so the first alternative that matches is the first entry."""
+        key = (host, method)
+        hit = self._patterns.get(key)
+        if hit is not None:
+            return hit
+        eps = [ep for ep in self._patterned.get(host, ()) if not ep.methods or method in ep.methods]
+        alts = [
+            f"(?P<e{i}>{'|'.join([re.escape(p) for p in ep.path_prefixes] + [fnmatch.translate(g) for g in ep.path_globs])})"
+            for i, ep in enumerate(eps)
+        ]
+        hit = (re.compile("|".join(alts)) if alts else None, eps)
+        self._patterns[key] = hit
+        return hit
 
     # -- lookups -----------------------------------------------------------------------------
     def app_for(self, host: str) -> str | None:
@@ -105,21 +135,26 @@ class Catalog:
         if qpos >= 0:
             path = path[:qpos]
         method = method.upper()
-        candidates: list[Endpoint] = []
-        h = host
-        while True:
-            candidates.extend(self._by_host.get(h, ()))
-            dot = h.find(".")
-            if dot < 0:
-                break
-            h = h[dot + 1 :]
-        candidates = [ep for ep in candidates if not ep.methods or method in ep.methods]
-        # an exact path beats a prefix or a glob, whichever entry comes first in the file
-        for ep in candidates:
-            if path in ep.paths:
-                return Match(app=ep.app or app, endpoint=ep)
-        for ep in candidates:
-            if ep.matches_path(path):
+        if method not in self._methods:
+            method = ""  # only endpoints without a method list can match (and the cache stays bounded)
+        suffixes = [host]
+        dot = host.find(".")
+        while dot >= 0:
+            suffixes.append(suffixes[-1][dot + 1 :])
+            dot = suffixes[-1].find(".")
+        # an exact path beats a prefix or a glob, whichever entry comes first in the file; longer host
+        # suffixes first. Indexed: the cost does not grow with the number of endpoints.
+        for h in suffixes:
+            for ep in self._exact.get(h, {}).get(path, ()):
+                if not ep.methods or method in ep.methods:
+                    return Match(app=ep.app or app, endpoint=ep)
+        for h in suffixes:
+            if h not in self._patterned:
+                continue
+            rx, eps = self._pattern(h, method)
+            m = rx.match(path) if rx is not None else None
+            if m is not None:
+                ep = eps[int(m.lastgroup[1:])]  # type: ignore[index]
                 return Match(app=ep.app or app, endpoint=ep)
         return Match(app=app, endpoint=None)
 
