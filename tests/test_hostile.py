@@ -441,3 +441,55 @@ def test_gzip_bomb_is_never_inflated(tmp_path):
     bombs = [r for r in recs if r["size_in"] == len(bomb)]
     assert [(r["endpoint"], r["action"], r["reason"]) for r in bombs] == [
         ("banzai", "dropped", "limit:max_body"), ("graphql", "passed", "limit:max_body")]
+
+
+ROUTE_STREAMED = '''
+import os
+from mitmproxy import http
+
+UP = os.environ["KEYVEIL_TEST_UPSTREAM"]
+
+
+class RouteStreamed:
+    """Streamed requests connect before the `request` hook: route them to the local upstream here."""
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.request.stream:
+            host = flow.request.pretty_host
+            h, _, p = UP.rpartition(":")
+            flow.request.scheme, flow.request.host, flow.request.port = "http", h, int(p)
+            flow.request.headers["host"] = host
+
+
+addons = [RouteStreamed()]
+'''
+
+
+@pytest.mark.timeout(120)
+def test_bodies_over_max_body(tmp_path):
+    """A functional upload over keyveil_max_body streams through unbuffered and unchanged; telemetry
+    that large is still dropped. Both are journaled with limit:max_body and their real size."""
+    script = tmp_path / "route_streamed.py"
+    script.write_text(ROUTE_STREAMED)
+    up = Upstream().start()
+    proxy = start_proxy(tmp_path, up.address, "--pac-port", "-1", passthrough=("-s", str(script)))
+    big = b"a=" + bytes(range(256)) * (96 * 1024)  # 24 MiB + 2
+    try:
+        request(proxy.port, "POST", "http://www.facebook.com/api/graphql/", b"a=1")  # warm-up
+        before = _status(proxy.proc.pid)
+        r = request(proxy.port, "POST", "http://www.facebook.com/api/graphql/", big, timeout=60)
+        after = _status(proxy.proc.pid)
+        assert r.status == 200 and r.body == b"upstream-ok" and up.seen[-1].body == big
+        n = len(up.seen)
+        r = request(proxy.port, "POST", "http://www.facebook.com/ajax/bz", big, timeout=60)
+        assert r.status == 200 and r.headers.get("x-keyveil") == "dropped" and len(up.seen) == n
+    finally:
+        out = proxy.stop()
+        up.stop()
+    grew = after["VmHWM"] - before["VmHWM"]
+    print(f"\nproxy peak RSS +{grew / MIB:.1f} MiB while streaming a {len(big) / MIB:.0f} MiB functional upload")
+    assert grew < 12 * MIB  # streamed, not buffered
+    assert "Traceback" not in out
+    recs = [r for r in read_records([proxy.journal]) if r["size_in"] == len(big)]
+    assert [(r["endpoint"], r["action"], r["reason"]) for r in recs] == [
+        ("graphql", "passed", "limit:max_body"), ("banzai", "dropped", "limit:max_body")]

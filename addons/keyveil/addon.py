@@ -230,8 +230,36 @@ class Keyveil:
         )
 
     # -- hooks ---------------------------------------------------------------------------------
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """A functional Meta request announcing a body over keyveil_max_body would pass uninspected
+        anyway: stream it through instead of letting mitmproxy buffer it (uploads). Telemetry is
+        left to `request`, which answers it locally (mitmproxy reads that body either way)."""
+        try:
+            self._requestheaders(flow)
+        except Exception:  # a hook must never raise into mitmproxy
+            log.exception("keyveil: internal error on the headers of %s", flow.request.pretty_url)
+            self._count("failed")
+
+    def _requestheaders(self, flow: http.HTTPFlow) -> None:
+        req = flow.request
+        size = req.headers.get("content-length", "")
+        pipeline = self.pipeline or self._ensure()
+        if not size.isdigit() or int(size) <= pipeline.limits.max_body or flow.response:
+            return
+        match = pipeline.match(req.pretty_host, req.path, req.method)
+        if match is None:
+            return  # not Meta: mitmproxy's own body settings apply
+        preq = Request(req.method, req.pretty_url, req.headers, b"", time.time())
+        outcome = pipeline.refuse(preq, match, LimitError("max_body", f"{size} bytes announced"))
+        if outcome.answer is not None:
+            return  # telemetry: dropped by `request` once the body is in
+        if outcome.record is not None:
+            outcome.record["size_in"] = outcome.record["size_out"] = int(size)
+        req.stream = True  # never held in memory, never changed
+        self._apply(flow, outcome)
+
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or not flow.live:
+        if flow.response or flow.error or not flow.live or flow.request.stream:
             return
         try:
             await self._request(flow)
