@@ -339,6 +339,13 @@ def test_write_report_every_format(data: tuple[Path, list[dict]], tmp_path: Path
             assert f"{len(recs):,}" in text
     with pytest.raises(ValueError):
         write_report(recs, "pdf", tmp_path / "r.pdf")
+    # a journal folder instead of records: the fast path, the same numbers
+    d, _ = data
+    fast = json.loads(write_report(d, "json", tmp_path / "fast.json").read_text())
+    slow = json.loads((tmp_path / "r.json").read_text())
+    for k in ("generated", "journal"):
+        fast.pop(k), slow.pop(k)
+    assert fast == slow
 
 
 def test_grouping_per_hour_is_utc_hours(tmp_path: Path) -> None:

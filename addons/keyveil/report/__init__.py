@@ -86,11 +86,17 @@ def render(report: Report, fmt: str) -> str:
     raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
 
 
-def write_report(records: Iterable[dict[str, Any]], fmt: str, path: str | Path) -> Path:
-    """Aggregate record dicts and write the report in `fmt` to `path` (written whole, then renamed)."""
+def write_report(records: Iterable[dict[str, Any]] | str | Path, fmt: str, path: str | Path) -> Path:
+    """Aggregate and write the report in `fmt` to `path` (written whole, then renamed).
+
+    `records`: record dicts, or a journal file or folder (`str` or `Path`), which takes the fast column
+    path of `keyveil report` instead of building a dict per record."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    report = report_from_records(records, with_rows=fmt == "csv")
+    if isinstance(records, str | Path):
+        report = report_from_paths([records], with_rows=fmt == "csv")
+    else:
+        report = report_from_records(records, with_rows=fmt == "csv")
     text = render(report, fmt)
     path = Path(path).expanduser()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
