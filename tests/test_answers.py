@@ -166,7 +166,10 @@ def test_answer_through_keyveil_run(proxy, family: str) -> None:
         assert len(up.seen) == before, f"{url} reached the upstream"
         assert r.headers.get("x-keyveil") == "dropped", (url, r.headers)
         assert r.status == want.status == 200, url
-        assert r.headers["content-type"] == want.content_type
+        if want.gif and method != "GET":  # a beacon/fetch POST gets an empty text answer, not an "image"
+            assert r.headers["content-type"].startswith("text/plain")
+        else:
+            assert r.headers["content-type"] == want.content_type
         assert r.headers["access-control-allow-origin"] == ORIGIN  # fetch() with credentials can read it
         assert r.headers["access-control-allow-credentials"] == "true"
         assert int(r.headers["content-length"]) == len(r.body)

@@ -95,7 +95,7 @@ class Decoder:
     def msgpack(self, raw: bytes, depth: int = 0) -> Layer:
         self._depth(depth)
         try:
-            value = msgpack.unpackb(raw, raw=False, strict_map_key=False, max_buffer_size=len(raw) + 1)
+            value = msgpack.unpackb(raw, raw=False, strict_map_key=False)
         except msgpack.StackError:  # msgpack's own nesting cap (1024)
             raise LimitError("max_depth", "msgpack nesting") from None
         except Exception as e:  # msgpack raises several unrelated types on bad input
@@ -300,7 +300,8 @@ def _b64decode(s: str) -> bytes:
 
 
 def _b64_style(s: str) -> dict:
-    return {"urlsafe": "-" in s or "_" in s, "padded": s.endswith("=")}
+    # a string whose length needs no padding tells nothing: write padding then, as btoa does
+    return {"urlsafe": "-" in s or "_" in s, "padded": s.endswith("=") or len(s) % 4 == 0}
 
 
 def decode_body(body: bytes, content_type: str = "", hint: str = "auto", limits: Limits | None = None) -> Layer | None:
