@@ -451,3 +451,12 @@ def test_foreign_and_empty_files_are_skipped(tmp_path: Path) -> None:
     assert len(list(read_records(d))) == 3
     infos = {i.path.name: i for i in J.scan_files([d])}
     assert not infos["zz-foreign.kvj"].valid and infos["zz-empty.kvj"].records == 0
+
+
+def test_an_oversized_full_record_keeps_its_schema_fields_and_the_file_stays_readable(tmp_path: Path) -> None:
+    huge = {f"k{i}": ["word " * 99] * 200 for i in range(60)}  # about 6 MB of extra fields
+    w = write_all(tmp_path / "j", [rec(0), rec(1, blob=huge), rec(2)], detail="full")
+    got = list(read_records(tmp_path / "j"))
+    assert [r["stats"]["seq"] for r in got] == [0, 1, 2]
+    assert "blob" not in got[1] and got[1]["categories"] == rec(1)["categories"]
+    assert w.stats.redacted_fields >= 1 and w.stats.failed == 0

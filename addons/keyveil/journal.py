@@ -925,6 +925,11 @@ class JournalWriter:
             try:
                 clean, removed = redact(rec, self.detail)
                 payload = self._enc.encode(clean)
+                if len(payload) > MAX_FRAME:  # readers take a larger frame for damage: keep the schema part
+                    removed += len(clean.pop("extra", None) or ())
+                    payload = self._enc.encode(clean)
+                    if len(payload) > MAX_FRAME:
+                        raise ValueError(f"record of {len(payload)} bytes")
             except Exception as e:  # a record that cannot be encoded is counted, never raised
                 self._failed += 1
                 logger.debug("journal: unencodable record: %s", e)
