@@ -32,7 +32,7 @@ OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are decoded in a worker th
 # (tests/test_event_loop.py, benchmarks/README.md).
 GIL_SWITCH_INTERVAL = 0.0005
 REWRITE_OPTIONS = ("keyveil_rewrite_mode", "keyveil_rewrite_strength", "keyveil_rewrite_max_delay_ms",
-                   "keyveil_rewrite_seed_scope")
+                   "keyveil_rewrite_grid_ms", "keyveil_rewrite_seed_scope")
 LIMIT_OPTIONS = (
     "keyveil_max_body", "keyveil_max_decompressed", "keyveil_max_ratio", "keyveil_max_depth",
     "keyveil_max_nodes", "keyveil_time_budget_ms",
@@ -89,6 +89,10 @@ class Keyveil:
         loader.add_option(
             "keyveil_rewrite_max_delay_ms", str, "",
             "Largest added delay of the delay mode, in ms. Empty: policy.toml [rewrite].",
+        )
+        loader.add_option(
+            "keyveil_rewrite_grid_ms", str, "",
+            "Grid of the quantize mode, in ms. Empty: policy.toml [rewrite].",
         )
         loader.add_option(
             "keyveil_rewrite_seed_scope", str, "",
@@ -156,7 +160,8 @@ class Keyveil:
                 raise exceptions.OptionsError("keyveil_rewrite_seed_scope must be payload or session")
             out.append(("seed_scope", scope))
         for name, field, lo, hi in (("keyveil_rewrite_strength", "strength", 0.0, 1.0),
-                                    ("keyveil_rewrite_max_delay_ms", "max_delay_ms", 1.0, 5000.0)):
+                                    ("keyveil_rewrite_max_delay_ms", "max_delay_ms", 1.0, 5000.0),
+                                    ("keyveil_rewrite_grid_ms", "grid_ms", 1.0, 5000.0)):
             raw = getattr(opts, name)
             if not raw:
                 continue

@@ -41,10 +41,14 @@ class Rewriter:
     def available(self) -> bool:
         return self.cfg is not None
 
-    def rewrite(self, finding: Finding, not_after_ms: float | None = None) -> bool:
+    def new_rng(self) -> Any:
+        """One generator per request, so every series in a payload shares one synthetic typist."""
+        return timing.make_rng(self.cfg, self.session_seed) if self.cfg is not None else None
+
+    def rewrite(self, finding: Finding, not_after_ms: float | None = None, rng: Any = None) -> bool:
         if self.cfg is None or not (finding.series or "decrypted" in finding.signals):
             return False
-        rng = timing.make_rng(self.cfg, self.session_seed)
+        rng = rng if rng is not None else self.new_rng()
         if finding.route and finding.route.endswith("bd_pdc_signals"):
             return self._bd(finding, rng, not_after_ms)
         done = False
@@ -59,19 +63,23 @@ class Rewriter:
             return False
 
         def retime(series: bdsignals.KeystrokeSeries) -> list[float | None]:
-            idx = [i for i, t in enumerate(series.times) if t is not None]
+            # key records carry no key identity: releases pair with the earliest open press
+            keys = (bdsignals.KEY_DOWN, bdsignals.KEY_UP)
+            idx = [i for i, (t, a) in enumerate(zip(series.times, series.actions, strict=True))
+                   if t is not None and a in keys]
             out: list[float | None] = [None] * len(series.times)
             if len(idx) < 2:
                 return out
             old = np.asarray([series.times[i] for i in idx], dtype=np.float64) * 1000.0
-            new = timing.rewrite_times(old, self.cfg, rng, kind="keystroke", not_after=not_after_ms)
+            is_down = np.asarray([series.actions[i] == bdsignals.KEY_DOWN for i in idx])
+            new = timing.rewrite_key_stream(old, is_down, self.cfg, rng, not_after=not_after_ms)
             for i, v in zip(idx, np.asarray(new) / 1000.0, strict=True):
                 out[i] = float(v)
             return out
 
         try:
             res = bdsignals.process_bd_post(e.value, retime=retime)
-        except bdsignals.SignalsError:
+        except (bdsignals.SignalsError, ValueError):
             return False
         if not res.changed or res.e is None:
             return False
@@ -80,15 +88,22 @@ class Rewriter:
         return True
 
     def _series(self, s: Series, rng: Any, not_after_ms: float | None) -> bool:
+        if s.category not in timing.KINDS:
+            return False
         old = s.values_ms()
         if old.size < 2:
             return False
-        if s.category == "pointer" and s.column is not None and isinstance(s.container[0], list):
-            xs = np.asarray([t[0] for t in s.container], dtype=np.float64)
-            ys = np.asarray([t[1] for t in s.container], dtype=np.float64)
-            new = timing.rewrite_path(xs, ys, old, self.cfg, rng, not_after=not_after_ms)
-        else:
-            new = timing.rewrite_times(old, self.cfg, rng, kind=s.category, not_after=not_after_ms)
+        # the request time bounds epoch series only; page-relative clocks have no known origin
+        bound = not_after_ms if float(old[0]) > 1e11 else None
+        try:
+            if s.category == "pointer" and s.column is not None and isinstance(s.container[0], list):
+                xs = np.asarray([t[0] for t in s.container], dtype=np.float64)
+                ys = np.asarray([t[1] for t in s.container], dtype=np.float64)
+                new = timing.rewrite_path(xs, ys, old, self.cfg, rng, not_after=bound)
+            else:
+                new = timing.rewrite_times(old, self.cfg, rng, kind=s.category, not_after=bound)
+        except ValueError:  # not a series the rewriter accepts: the caller strips it instead
+            return False
         _write_back(s, np.asarray(new, dtype=np.float64) / s.scale)
         return True
 
@@ -135,6 +150,7 @@ def apply_plan(
 ) -> ApplyResult:
     result = ApplyResult()
     removals: dict[int, tuple[Any, Any, list[Any]]] = {}
+    rng = rewriter.new_rng() if "rewrite" in actions else None
     for f, act in zip(findings, actions, strict=True):
         if act == "strip" and bd_strip_ids and f.route and f.route.endswith("bd_pdc_signals"):
             done = _bd_strip(f, bd_strip_ids)
@@ -143,7 +159,7 @@ def apply_plan(
                 continue
             # None (nothing left) or False (not decryptable): remove the whole post
         if act == "rewrite":
-            if rewriter.rewrite(f, not_after_ms):
+            if rewriter.rewrite(f, not_after_ms, rng):
                 if f.owner is not None:
                     f.owner.dirty = True
                 result.rewritten += 1
