@@ -17,6 +17,8 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from keyveil import journal as J
 from keyveil.journal import JournalWriter, read_records
@@ -460,3 +462,30 @@ def test_an_oversized_full_record_keeps_its_schema_fields_and_the_file_stays_rea
     assert [r["stats"]["seq"] for r in got] == [0, 1, 2]
     assert "blob" not in got[1] and got[1]["categories"] == rec(1)["categories"]
     assert w.stats.redacted_fields >= 1 and w.stats.failed == 0
+
+
+_leaf = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=40)
+JSONISH = st.recursive(
+    _leaf,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+FIELDS = ["v", "ts", "app", "endpoint", "host", "path", "method", "kind", "action", "mode", "categories", "routes",
+          "size_in", "size_out", "layers", "reason", "stats", "session", "detail", "extra_field"]  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.dictionaries(st.sampled_from(FIELDS), JSONISH, max_size=len(FIELDS)),
+    st.sampled_from(["summary", "full"]),
+)
+def test_any_record_shape_is_redacted_encoded_and_read_back(raw: dict, detail: str) -> None:
+    clean, _ = J.redact(raw, detail)
+    enc = J.Encoder()
+    payload = enc.encode(clean)
+    got = J.decode_record(payload, enc.table())
+    want = dict(clean)
+    extra = want.pop("extra", None) or {}
+    want.update({k: v for k, v in extra.items() if k not in want})  # extra fields read back at the top
+    assert got == want
+    assert all(isinstance(got[k], str) for k in ("app", "host", "path", "method", "kind", "action", "mode"))
