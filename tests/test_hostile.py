@@ -268,7 +268,7 @@ class TestLimits:
         def boom(*a, **k):
             raise KeyError("bug")
 
-        monkeypatch.setattr("keyveil.pipeline._timed_detect", boom)
+        monkeypatch.setattr(pipe.detector, "detect", boom)
         out = pipe.process(Request("POST", TELEMETRY, {"content-type": FORM}, q([1])))
         assert out.action == "dropped" and out.answer is not None and out.record["reason"] == "error:KeyError"
         fun = pipe.process(Request("POST", FUNCTIONAL, {"content-type": FORM}, b"a=1"))
