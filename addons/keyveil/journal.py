@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import heapq
 import hmac
@@ -127,17 +128,20 @@ def _matches_sensitive(m: re.Match[str]) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=8192)  # the same names and paths come back all the time
 def looks_sensitive(text: str) -> bool:
     """True when `text` holds something shaped like an id, token, timestamp, hash or email."""
     return any(_matches_sensitive(m) for m in _SENSITIVE.finditer(text))
 
 
+@functools.lru_cache(maxsize=8192)  # the same names and paths come back all the time
 def scrub_text(text: str, limit: int = 120) -> str:
     """Replace every id- or token-shaped run in free text, and cap its length."""
     out = _SENSITIVE.sub(lambda m: REDACTED if _matches_sensitive(m) else m.group(0), text)
     return out[:limit]
 
 
+@functools.lru_cache(maxsize=8192)  # the same names and paths come back all the time
 def clean_path(path: str) -> str:
     """A URL path without query or fragment, its id-shaped segments replaced by `:id`."""
     path = path.split("?", 1)[0].split("#", 1)[0]
