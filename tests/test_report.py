@@ -383,3 +383,15 @@ def test_records_in_an_unknown_layout_are_skipped_and_counted(tmp_path: Path) ->
     assert s["flows"] == 5 and s["journal"]["skipped_records"] == 2
     assert s["categories"] == report_from_records(good).summary["categories"]
     assert [r["ts"] for r in read_records(tmp_path / "j")] == [r["ts"] for r in good]
+
+
+def test_live_summary_survives_malformed_records() -> None:
+    live = LiveSummary()
+    live.add({"ts": "soon", "categories": {"keystroke": {"events": "3"}, "weird": 2}, "routes": {"r": None}})
+    live.add({"ts": float("nan"), "size_in": "big", "categories": [], "app": 5})
+    good = make_records(1)[0]
+    live.add(good)
+    s = live.summary()
+    assert s["flows"] == 3
+    assert s["categories"]["other"]["events"] == 2 + good["categories"].get("other", {}).get("events", 0)
+    assert b'id="kv-flows" data-value="3"' in live.render_html()

@@ -10,6 +10,7 @@ Entry points:
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import os
 import time
@@ -105,6 +106,10 @@ def write_report(records: Iterable[dict[str, Any]] | str | Path, fmt: str, path:
     return path
 
 
+def _num(v: Any) -> int:
+    return int(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0 else 0
+
+
 class LiveSummary:
     """Running tallies for the live page. `add` is O(1) per record (bounded work, no history kept)."""
 
@@ -120,6 +125,13 @@ class LiveSummary:
         return key if key in counter or len(counter) < self.MAX_KEYS else "(more)"
 
     def add(self, record: dict[str, Any]) -> None:
+        """Count one record. Never raises: a malformed field counts as zero or unknown."""
+        try:
+            self._add(record)
+        except Exception:  # the live page must never take a proxy hook down
+            logging.getLogger(__name__).debug("live summary: record skipped", exc_info=True)
+
+    def _add(self, record: dict[str, Any]) -> None:
         t = self.t
         ts = record.get("ts")
         ts = float(ts) if isinstance(ts, int | float) and math.isfinite(ts) else time.time()
@@ -146,8 +158,8 @@ class LiveSummary:
         if isinstance(cats, dict):
             for name, v in cats.items():
                 name = name if name in CATEGORIES else "other"
-                ev = int(v.get("events", 0)) if isinstance(v, dict) else int(v)
-                sa = int(v.get("samples", 0)) if isinstance(v, dict) else 0
+                ev = _num(v.get("events")) if isinstance(v, dict) else _num(v)
+                sa = _num(v.get("samples")) if isinstance(v, dict) else 0
                 t.cat_events[name] += ev
                 t.cat_samples[name] += sa
                 t.cat_flows[name] += 1
@@ -158,7 +170,7 @@ class LiveSummary:
         routes = record.get("routes")
         if isinstance(routes, dict):
             for name, n in list(routes.items())[:64]:
-                t.routes[self._key(t.routes, str(name))] += int(n)
+                t.routes[self._key(t.routes, str(name))] += _num(n)
         hour = int(ts // 3600) * 3600
         ctr = t.hours.get(hour)
         if ctr is None:
@@ -167,8 +179,8 @@ class LiveSummary:
                 del t.hours[min(t.hours)]  # a bounded dict: O(keep_hours) once an hour
         ctr[action] += 1
         t.hour_of_day[(hour // 3600) % 24] += 1
-        t.bytes_in += int(record.get("size_in") or 0)
-        t.bytes_out += int(record.get("size_out") or 0)
+        t.bytes_in += _num(record.get("size_in"))
+        t.bytes_out += _num(record.get("size_out"))
 
     def summary(self) -> dict[str, Any]:
         filters = {"since": None, "until": None, "apps": [], "categories": [], "detail": "any", "live": True}
