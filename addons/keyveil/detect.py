@@ -16,6 +16,7 @@ import math
 import re
 import tomllib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,22 +256,29 @@ class Detector:
         self.rules = rules
         self.max_nodes = max_nodes
 
-    def detect(self, root: Layer | None) -> Detection:
+    def detect(self, root: Layer | None, check: Callable[[], None] | None = None) -> Detection:
+        """Findings in `root`. `check` is called every few hundred nodes (a time budget raises there)."""
         findings: list[Finding] = []
         if root is None:
             return Detection(findings, [])
-        _Walk(self.rules, findings).visit(root, None, None, None, 0)
+        _Walk(self.rules, findings, check).visit(root, None, None, None, 0)
         return Detection(findings, [lay.codec for lay in root.layers()])
 
 
 class _Walk:
-    def __init__(self, rules: Rules, out: list[Finding]) -> None:
+    def __init__(self, rules: Rules, out: list[Finding], check: Callable[[], None] | None = None) -> None:
         self.rules = rules
         self.out = out
+        self.check = check
+        self.visits = 0
 
     def visit(self, value: Any, owner: Layer | None, container: Any, key: Any, depth: int) -> None:
-        if depth > 512:  # decode already bounds depth; this keeps the walk safe on hand-built trees
+        if depth > 128:  # decode already bounds depth (64); this keeps hand-built trees off the stack limit
             return
+        if self.check is not None:
+            self.visits += 1
+            if not self.visits & 255:
+                self.check()
         if isinstance(value, Layer):
             self.visit(value.value, value, container, key, depth + 1)
             return

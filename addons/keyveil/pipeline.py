@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from keyveil import apply, detect
+from keyveil import apply
 from keyveil.catalog import Answer, Catalog, Endpoint, Match, load_catalog
 from keyveil.codecs import DecodeError, Decoder, Layer, LimitError, Limits
 from keyveil.detect import Detection, Detector, Finding, Rules, load_rules
@@ -67,22 +67,6 @@ class Outcome:
 IGNORED = Outcome("ignored")
 
 
-class _TimedWalk(detect._Walk):
-    """The detector's walk with the flow's time budget checked every few hundred nodes.
-    (Better inside detect.py as a `Detector.detect(root, check=...)` hook; kept here meanwhile.)"""
-
-    def __init__(self, rules: Rules, out: list[Finding], check: Any) -> None:
-        super().__init__(rules, out)
-        self._check = check
-        self._visits = 0
-
-    def visit(self, value: Any, owner: Layer | None, container: Any, key: Any, depth: int) -> None:
-        self._visits += 1
-        if not self._visits & 255:
-            self._check()
-        super().visit(value, owner, container, key, depth)
-
-
 def _flow_route(req: Request, body: Layer | None) -> str | None:
     """The name of the request as a whole: GraphQL's friendly name (form field, or header)."""
     if body is not None and isinstance(body.value, list):
@@ -99,14 +83,6 @@ def _whole_unit_stripped(findings: list[Finding], plan: Plan) -> bool:
         a in ("strip", "drop") and f.container is None and f.unit in ("hit", "body") and f.behavioral
         for f, a in zip(findings, plan.actions, strict=True)
     )
-
-
-def _timed_detect(detector: Detector, root: Layer, decoder: Decoder) -> Detection:
-    if decoder.deadline == float("inf") or not hasattr(detect, "_Walk"):
-        return detector.detect(root)
-    findings: list[Finding] = []
-    _TimedWalk(detector.rules, findings, decoder.check_time).visit(root, None, None, None, 0)
-    return Detection(findings, [lay.codec for lay in root.layers()])
 
 
 class Pipeline:
@@ -201,7 +177,8 @@ class Pipeline:
         findings: list[Finding] = []
         layers: list[str] = []
         for root in roots:
-            det = _timed_detect(self.detector, root, decoder)
+            budget = decoder.check_time if decoder.deadline != float("inf") else None
+            det = self.detector.detect(root, budget)
             findings.extend(det.findings)
             layers.extend(det.layers)
         if ep is not None and ep.category and not any(f.behavioral for f in findings) and ep.kind == "telemetry":
