@@ -231,6 +231,17 @@ def test_scan_cli_writes_the_same_reports(tmp_path: Path) -> None:
     )
     assert p3.returncode == 0, p3.stderr
     assert f'id="kv-flows" data-value="{want["flows"]}"' in out.read_text()
+    p5 = subprocess.run(
+        [sys.executable, "-m", "keyveil.cli", "scan", str(src), "--config", str(CONFIG), "--format", "json",
+         "--category", "fingerprint"],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    sel = json.loads(p5.stdout)
+    want_sel = report_from_records(expected_records(), categories=["fingerprint"]).summary
+    assert 0 < sel["flows"] == want_sel["flows"] < s["flows"]
+    assert sel["categories"] == want_sel["categories"]
     bad = tmp_path / "bad.har"
     bad.write_text("{not json")
     p4 = subprocess.run(

@@ -50,21 +50,8 @@ def _categories(text: str) -> list[str]:
     return cats
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "report",
-        help="summarize the journal (terminal, JSON, CSV, Markdown or a self-contained HTML page)",
-        description="Summarize what Meta's apps tried to collect and what keyveil did about it. "
-        "Times are UTC.",
-    )
-    p.add_argument(
-        "paths",
-        nargs="*",
-        metavar="PATH",
-        help=f"journal files or folders (default: {default_journal_dir()})",
-    )
-    p.add_argument("--format", "-f", choices=FORMATS, default=None, help="default: text, or from -o's suffix")
-    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of standard output")
+def add_filter_args(p: argparse.ArgumentParser) -> None:
+    """--since, --until, --app, --category, --journal-detail (shared with `keyveil scan`)."""
     p.add_argument(
         "--since", type=parse_time, metavar="TIME", help="from TIME (inclusive): date, epoch or 24h/7d"
     )
@@ -91,6 +78,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="any",
         help="only records journaled at this detail level (the report always says when any were 'full')",
     )
+
+
+def filters_of(args: argparse.Namespace) -> dict:
+    return {
+        "since": args.since,
+        "until": args.until,
+        "apps": args.app or None,
+        "categories": args.category or None,
+        "detail": None if args.journal_detail == "any" else args.journal_detail,
+    }
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="summarize the journal (terminal, JSON, CSV, Markdown or a self-contained HTML page)",
+        description="Summarize what Meta's apps tried to collect and what keyveil did about it. "
+        "Times are UTC.",
+    )
+    p.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help=f"journal files or folders (default: {default_journal_dir()})",
+    )
+    p.add_argument("--format", "-f", choices=FORMATS, default=None, help="default: text, or from -o's suffix")
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of standard output")
+    add_filter_args(p)
     p.set_defaults(func=run)
 
 
@@ -113,15 +128,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         print(f"keyveil report: no journal at {', '.join(map(str, missing))}", file=sys.stderr)
         return 1
-    report = report_from_paths(
-        paths,
-        with_rows=fmt == "csv",
-        since=args.since,
-        until=args.until,
-        apps=args.app or None,
-        categories=args.category or None,
-        detail=None if args.journal_detail == "any" else args.journal_detail,
-    )
+    report = report_from_paths(paths, with_rows=fmt == "csv", **filters_of(args))
     text = render(report, fmt)
     if not args.output or args.output == "-":
         sys.stdout.write(text)

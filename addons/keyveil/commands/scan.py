@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+from keyveil.commands.report import add_filter_args, filters_of
 from keyveil.config import default_config_dir
 from keyveil.report import FORMATS, render, report_from_records
 
@@ -65,7 +66,9 @@ def iter_har(path: Path) -> Iterator[HttpItem | WsItem]:
         text = post.get("text") or ""
         body = base64.b64decode(text) if post.get("encoding") == "base64" else text.encode("utf-8")
         if not body and post.get("params"):  # Firefox may give a form's fields only
-            body = urlencode([(str(p.get("name", "")), str(p.get("value", ""))) for p in post["params"]]).encode()
+            body = urlencode(
+                [(str(p.get("name", "")), str(p.get("value", ""))) for p in post["params"]]
+            ).encode()
         headers = _headers(req.get("headers"))
         if post.get("mimeType") and "content-type" not in headers:
             headers["content-type"] = post["mimeType"]
@@ -183,6 +186,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--config", type=Path, metavar="DIR", help=f"config folder (default: {default_config_dir()})"
     )
     p.add_argument("--journal", type=Path, metavar="DIR", help="also append the records to a journal folder")
+    add_filter_args(p)
     p.set_defaults(func=run)
 
 
@@ -217,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         with JournalWriter(args.journal) as w:
             for r in records:
                 w.write(dict(r))
-    report = report_from_records(records, with_rows=fmt == "csv")
+    report = report_from_records(records, with_rows=fmt == "csv", **filters_of(args))
     text = render(report, fmt)
     print(
         f"keyveil scan: {stats.requests} requests, {stats.meta} to Meta, {stats.ws_messages} WebSocket "
