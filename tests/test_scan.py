@@ -232,8 +232,19 @@ def test_scan_cli_writes_the_same_reports(tmp_path: Path) -> None:
     assert p3.returncode == 0, p3.stderr
     assert f'id="kv-flows" data-value="{want["flows"]}"' in out.read_text()
     p5 = subprocess.run(
-        [sys.executable, "-m", "keyveil.cli", "scan", str(src), "--config", str(CONFIG), "--format", "json",
-         "--category", "fingerprint"],  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "keyveil.cli",
+            "scan",
+            str(src),
+            "--config",
+            str(CONFIG),
+            "--format",
+            "json",
+            "--category",
+            "fingerprint",
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=90,

@@ -107,7 +107,9 @@ def write_report(records: Iterable[dict[str, Any]] | str | Path, fmt: str, path:
 
 
 def _num(v: Any) -> int:
-    return int(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0 else 0
+    return (
+        int(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0 else 0
+    )
 
 
 class LiveSummary:
