@@ -25,11 +25,14 @@ import numpy as np
 
 from keyveil import bdsignals
 from keyveil.catalog import ConfigError
-from keyveil.codecs.tree import Field, Layer
+from keyveil.codecs.tree import Field, Layer, LimitError
 
 BEHAVIORAL = ("keystroke", "touch", "pointer", "click", "scroll", "activity", "fingerprint")
 CATEGORIES = (*BEHAVIORAL, "other")
 _RANK = {c: i for i, c in enumerate(CATEGORIES)}  # most identifying first
+# Decoding already bounds nesting (Limits.max_depth, 64); the walk's own cap keeps hand-built trees
+# and raised limits off Python's stack: past it, the flow gets the max_depth limit outcome.
+MAX_WALK_DEPTH = 128
 _EVENT_KEYS = ("extra", "time", "module", "tags", "rate", "sampling_rate")
 
 
@@ -273,8 +276,8 @@ class _Walk:
         self.visits = 0
 
     def visit(self, value: Any, owner: Layer | None, container: Any, key: Any, depth: int) -> None:
-        if depth > 128:  # decode already bounds depth (64); this keeps hand-built trees off the stack limit
-            return
+        if depth > MAX_WALK_DEPTH:
+            raise LimitError("max_depth", f"detection walk deeper than {MAX_WALK_DEPTH}")
         if self.check is not None:
             self.visits += 1
             if not self.visits & 255:
@@ -391,8 +394,8 @@ class _Walk:
         Samples count timing values (or records) once: a list named in the vocabulary that is also a
         timing series counts its values once, and a named container counts what is found inside it.
         """
-        if depth > 256:
-            return
+        if depth > MAX_WALK_DEPTH:
+            raise LimitError("max_depth", f"detection walk deeper than {MAX_WALK_DEPTH}")
         if isinstance(v, (Layer, Field)):
             self._scan(v.value, cats, signals, series, depth + 1)
         elif isinstance(v, dict):
