@@ -136,7 +136,18 @@ def test_numbers_on_the_page_match_the_json(rendered: tuple[dict, DomIndex, str]
 @pytest.mark.timeout(120)
 def test_charts_are_drawn_inline_and_nothing_is_fetched(rendered: tuple[dict, DomIndex, str]) -> None:
     s, dom, source = rendered
-    for chart in ("kv-chart-timeline", "kv-chart-apps", "kv-chart-categories", "kv-chart-endpoints"):
+    hour_bars = [a for t, a in dom.tags if t == "rect" and "data-hour" in a]
+    assert sum(int(a["data-value"]) for a in hour_bars) == s["flows"]
+    assert {int(a["data-hour"]): int(a["data-value"]) for a in hour_bars} == {
+        h: v for h, v in enumerate(s["hour_of_day"]) if v
+    }
+    for chart in (
+        "kv-chart-timeline",
+        "kv-chart-apps",
+        "kv-chart-categories",
+        "kv-chart-endpoints",
+        "kv-chart-hours",
+    ):
         assert dom.by_id[chart]["tag"] == "svg"
     rects = [a for t, a in dom.tags if t == "rect"]
     assert len(rects) > 50

@@ -124,6 +124,41 @@ def timeline_svg(s: dict[str, Any], width: int = 900, height: int = 240) -> Mark
     return Markup("".join(parts))
 
 
+def hours_svg(s: dict[str, Any], width: int = 900, height: int = 160) -> Markup:
+    """Flows per hour of the day (UTC), all days together."""
+    counts = s["hour_of_day"]
+    if not any(counts):
+        return Markup("")
+    ml, mr, mt, mb = 56, 10, 8, 24
+    pw, ph = width - ml - mr, height - mt - mb
+    top = _nice_max(max(counts))
+    bw = pw / 24
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" class="chart" role="img" '
+        f'aria-label="Flows by hour of the day" id="kv-chart-hours">'
+    ]
+    for k in range(3):
+        y = mt + ph - ph * k / 2
+        parts.append(f'<line x1="{ml}" x2="{width - mr}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
+        parts.append(
+            f'<text x="{ml - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{_fmt(top * k / 2)}</text>'
+        )
+    for h, v in enumerate(counts):
+        x = ml + h * bw
+        if v:
+            bh = ph * v / top
+            parts.append(
+                f'<rect x="{x + bw * 0.15:.2f}" y="{mt + ph - bh:.2f}" width="{bw * 0.7:.2f}" height="{bh:.2f}" '
+                f'fill="#1971c2" data-hour="{h}" data-value="{v}"><title>{h:02d}:00 UTC: {v:,} flows</title></rect>'
+            )
+        if h % 3 == 0:
+            parts.append(
+                f'<text x="{x + bw / 2:.1f}" y="{height - 8}" text-anchor="middle" class="tick">{h:02d}</text>'
+            )
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
 def hbar_svg(
     rows: list[tuple[str, list[tuple[int, str, str]]]], chart_id: str, label: str, width: int = 900
 ) -> Markup:
@@ -179,6 +214,7 @@ def _charts(s: dict[str, Any]) -> dict[str, Markup]:
         "apps": hbar_svg(apps, "kv-chart-apps", "Flows by app"),
         "categories": hbar_svg(cats, "kv-chart-categories", "Events by category"),
         "endpoints": hbar_svg(eps, "kv-chart-endpoints", "Top endpoints"),
+        "hours": hours_svg(s),
     }
 
 
