@@ -1,6 +1,6 @@
 """Plain mitmdump and `keyveil run`, side by side, on the same mixed workload. Loopback only.
 
-    python benchmarks/proxy_throughput.py               # 3 rounds x 2000 requests per proxy
+    python benchmarks/proxy_throughput.py               # 4 rounds x 2000 requests per proxy
     python benchmarks/proxy_throughput.py --requests 500 --rounds 1
 
 Both proxies run as subprocesses with the same route addon (tests/support/route_addon.py sends every
@@ -14,6 +14,8 @@ mitmdump forwards them), 10% functional Meta (4 KiB GraphQL sends with typing me
 and forwards). 8 concurrent clients on keep-alive connections; 10% of requests open a new connection
 (CONNECT + TLS handshake for HTTPS). Client and upstream share one asyncio loop in this process; the
 proxy gets its own process. Rounds alternate between the two proxies so drift hits both alike.
+Besides requests/s (wall clock, sensitive to anything else running on the machine) it prints the CPU
+time each proxy process spent per request (/proc/PID/stat), which other load disturbs much less.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class Result:
     errors: int = 0
     elapsed: float = 0.0
     count: int = 0
+    cpu: float = 0.0  # CPU seconds the proxy process spent on the round
 
 
 class Client:
@@ -198,6 +201,12 @@ class Mitmdump:
         self.log.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(xs: list[float], p: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(len(s) * p))]
@@ -215,6 +224,7 @@ async def main_async(args: argparse.Namespace) -> None:
         kv = await asyncio.to_thread(start_proxy, kv_dir, up, "--intercept-all", passthrough=COMMON[2:])
         md = await asyncio.to_thread(Mitmdump, tmp, up, kv.confdir)
         proxies = {"mitmdump": (md.port, md.cafile), "keyveil": (kv.port, kv.cafile)}
+        pids = {"mitmdump": md.proc.pid, "keyveil": kv.proc.pid}
         results: dict[str, list[Result]] = {"mitmdump": [], "keyveil": []}
         try:
             for port, cafile in proxies.values():  # warm-up: imports, certificates, first flows
@@ -223,10 +233,13 @@ async def main_async(args: argparse.Namespace) -> None:
                 order = ("mitmdump", "keyveil") if r % 2 == 0 else ("keyveil", "mitmdump")
                 for name in order:
                     port, cafile = proxies[name]
+                    cpu0 = cpu_seconds(pids[name])
                     res = await drive(port, cafile, jobs, args.seed + r)
+                    res.cpu = cpu_seconds(pids[name]) - cpu0
                     results[name].append(res)
-                    print(f"  round {r + 1} {name:9s} {res.count / res.elapsed:7.0f} req/s "
-                          f"({res.count} ok, {res.errors} errors, {res.elapsed:.1f} s)", flush=True)
+                    print(f"  round {r + 1} {name:9s} {res.count / res.elapsed:7.0f} req/s, proxy CPU "
+                          f"{res.cpu / res.count * 1e6:6.0f} us/request ({res.count} ok, {res.errors} errors, "
+                          f"{res.elapsed:.1f} s)", flush=True)
         finally:
             md.stop()
             kv_log = kv.stop()
@@ -236,23 +249,27 @@ async def main_async(args: argparse.Namespace) -> None:
         print("keyveil log has a traceback:\n" + kv_log[-2000:])
     print(f"\n{args.requests} requests x {args.rounds} rounds per proxy, {CLIENTS} clients, "
           f"{int(NEW_CONN * 100)}% new connections")
-    print(f"{'':10s} {'req/s':>7s} {'median ms':>10s} {'p99 ms':>8s}   {'non-Meta med':>12s} {'telemetry med':>13s} "
-          f"{'functional med':>14s}")
+    print(f"{'':10s} {'req/s':>7s} {'CPU us/req':>10s} {'median ms':>10s} {'p99 ms':>8s}   {'non-Meta med':>12s} "
+          f"{'telemetry med':>13s} {'functional med':>14s}")
     rps = {}
+    cpu = {}
     for name, runs in results.items():
         rps[name] = statistics.median(r.count / r.elapsed for r in runs)
+        cpu[name] = statistics.median(r.cpu / r.count * 1e6 for r in runs)
         lat = {k: [x * 1000 for r in runs for x in r.latencies.get(k, [])] for k in ("non-meta", "telemetry", "functional")}
         every = [x for v in lat.values() for x in v]
-        print(f"{name:10s} {rps[name]:7.0f} {statistics.median(every):10.2f} {pct(every, 0.99):8.2f}   "
+        print(f"{name:10s} {rps[name]:7.0f} {cpu[name]:10.0f} {statistics.median(every):10.2f} {pct(every, 0.99):8.2f}   "
               f"{statistics.median(lat['non-meta']):12.2f} {statistics.median(lat['telemetry']):13.2f} "
               f"{statistics.median(lat['functional']):14.2f}")
     print(f"keyveil / mitmdump throughput: {rps['keyveil'] / rps['mitmdump'] * 100:.1f}% (goal >= 95%)")
+    print(f"mitmdump / keyveil proxy CPU per request (capacity when the proxy is the bottleneck): "
+          f"{cpu['mitmdump'] / cpu['keyveil'] * 100:.1f}%")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seed", type=int, default=1)
     asyncio.run(main_async(ap.parse_args()))
 
