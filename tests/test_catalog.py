@@ -83,4 +83,4 @@ class TestCatalog:
     def test_errors_name_the_problem(self, text, needle):
         with pytest.raises(ConfigError, match=needle) as e:
             parse_catalog(text, source="endpoints.toml")
-        assert "endpoints.toml" in str(e.value)
+        assert "endpoints.toml" in str(e.value) and "line 1" in str(e.value)

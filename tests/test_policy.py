@@ -79,4 +79,4 @@ class TestPolicy:
     def test_errors(self, text, needle):
         with pytest.raises(ConfigError, match=needle) as e:
             parse_policy(text, "policy.toml")
-        assert "policy.toml" in str(e.value)
+        assert "policy.toml" in str(e.value) and "line " in str(e.value)

@@ -17,7 +17,15 @@ CODECS = ("banzai", "form", "json", "msgpack", "graph_logging", "pixel", "falco_
 
 
 class ConfigError(ValueError):
-    """A config file is invalid. The message names the file (and line, where TOML knows it)."""
+    """A config file is invalid. The message names the file and the line."""
+
+
+def located(text: str, source: str, pattern: str, nth: int = 0) -> str:
+    """`source, line N` for the nth line matching `pattern` (a regex, multiline), else `source`."""
+    for i, m in enumerate(re.finditer(pattern, text, re.M)):
+        if i == nth:
+            return f"{source}, line {text.count(chr(10), 0, m.start()) + 1}"
+    return source
 
 
 @dataclass(frozen=True)
@@ -205,7 +213,8 @@ def parse_catalog(text: str, source: str = "<string>") -> Catalog:
 
     answers: dict[str, Answer] = {}
     for name, raw in data.get("answers", {}).items():
-        where = f"{source}: [answers.{name}]"
+        loc = located(text, source, r"^\s*\[answers\." + re.escape(name) + r"\]")
+        where = f"{loc}: [answers.{name}]"
         if not isinstance(raw, dict):
             raise ConfigError(f"{where} must be a table")
         status = raw.get("status", 200)
@@ -222,7 +231,8 @@ def parse_catalog(text: str, source: str = "<string>") -> Catalog:
     seen: set[str] = set()
     for i, raw in enumerate(data.get("endpoint", [])):
         name = raw.get("name")
-        where = f"{source}: [[endpoint]] #{i + 1} ({name or 'unnamed'})"
+        loc = located(text, source, r"^\s*\[\[endpoint\]\]", i)
+        where = f"{loc}: [[endpoint]] #{i + 1} ({name or 'unnamed'})"
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{where}: 'name' is required")
         if name in seen:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from keyveil import bdsignals
-from keyveil.catalog import ConfigError
+from keyveil.catalog import ConfigError, located
 from keyveil.codecs.tree import Field, Layer, LimitError
 
 BEHAVIORAL = ("keystroke", "touch", "pointer", "click", "scroll", "activity", "fingerprint")
@@ -69,7 +69,8 @@ def parse_rules(text: str, source: str = "<string>") -> Rules:
     names: dict[str, re.Pattern[str]] = {}
     for cat, pats in data.get("names", {}).items():
         if cat not in BEHAVIORAL:
-            raise ConfigError(f"{source}: [names] unknown category {cat!r}")
+            loc = located(text, source, r"^\s*" + re.escape(cat) + r"\s*=")
+            raise ConfigError(f"{loc}: [names] unknown category {cat!r}")
         names[cat] = re.compile("|".join(f"(?:{fnmatch.translate(p.lower())})" for p in pats))
     vocab = data.get("vocabulary", {})
     keys: dict[str, str] = {}
@@ -77,7 +78,8 @@ def parse_rules(text: str, source: str = "<string>") -> Rules:
     for table, out in (("keys", keys), ("events", events)):
         for cat, words in vocab.get(table, {}).items():
             if cat not in BEHAVIORAL:
-                raise ConfigError(f"{source}: [vocabulary.{table}] unknown category {cat!r}")
+                loc = located(text, source, rf"^\s*{table}\.{re.escape(cat)}\s*=")
+                raise ConfigError(f"{loc}: [vocabulary.{table}] unknown category {cat!r}")
             for w in words:
                 out.setdefault(w.lower(), cat)
     features = frozenset(w.lower() for w in vocab.get("features", []))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from keyveil.catalog import ConfigError, Endpoint
+from keyveil.catalog import ConfigError, Endpoint, located
 from keyveil.detect import CATEGORIES, Finding
 
 ACTIONS = ("drop", "strip", "rewrite", "pass")
@@ -123,31 +124,37 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: {e}") from None
 
-    def action(value: object, where: str, allowed: tuple[str, ...] = ACTIONS) -> str:
+    def at(pattern: str, nth: int = 0) -> str:
+        return located(text, source, pattern, nth)
+
+    def action(value: object, where: str, allowed: tuple[str, ...] = ACTIONS, loc: str = source) -> str:
         if value not in allowed:
-            raise ConfigError(f"{source}: {where} must be one of {', '.join(allowed)}, not {value!r}")
+            raise ConfigError(f"{loc}: {where} must be one of {', '.join(allowed)}, not {value!r}")
         return str(value)
 
     mode = data.get("mode", "enforce")
     if mode not in MODES:
-        raise ConfigError(f"{source}: mode must be enforce or audit, not {mode!r}")
+        loc = at(r"^\s*mode\s*=")
+        raise ConfigError(f"{loc}: mode must be enforce or audit, not {mode!r}")
     defaults = data.get("defaults", {})
     cats = Policy().categories
     for cat, act in data.get("categories", {}).items():
+        loc = at(rf"^\s*{re.escape(cat)}\s*=")
         if cat not in CATEGORIES:
-            raise ConfigError(f"{source}: [categories] unknown category {cat!r}")
-        cats[cat] = action(act, f"[categories] {cat}")
+            raise ConfigError(f"{loc}: [categories] unknown category {cat!r}")
+        cats[cat] = action(act, f"[categories] {cat}", loc=loc)
     rules: list[Rule] = []
     for i, raw in enumerate(data.get("rule", [])):
         where = f"[[rule]] #{i + 1}"
+        loc = at(r"^\s*\[\[rule\]\]", i)
         unknown = set(raw) - _RULE_KEYS
         if unknown:
-            raise ConfigError(f"{source}: {where} unknown key(s) {', '.join(sorted(unknown))}")
+            raise ConfigError(f"{loc}: {where} unknown key(s) {', '.join(sorted(unknown))}")
         if raw.get("category") is not None and raw["category"] not in CATEGORIES:
-            raise ConfigError(f"{source}: {where} unknown category {raw['category']!r}")
+            raise ConfigError(f"{loc}: {where} unknown category {raw['category']!r}")
         rules.append(
             Rule(
-                action=action(raw.get("action"), f"{where} action"),
+                action=action(raw.get("action"), f"{where} action", loc=loc),
                 app=raw.get("app"),
                 endpoint=raw.get("endpoint"),
                 kind=raw.get("kind"),
