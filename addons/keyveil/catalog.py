@@ -288,10 +288,14 @@ def _covered(host: str, apps: dict[str, str]) -> bool:
         host = host[dot + 1 :]
 
 
-def load_catalog(path: str | Path) -> Catalog:
+def read_config(path: str | Path) -> tuple[str, str]:
+    """A config file's text and its name for messages; ConfigError when it cannot be read."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    return parse_catalog(text, source=str(path))
+        return path.read_text(encoding="utf-8"), str(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+
+
+def load_catalog(path: str | Path) -> Catalog:
+    return parse_catalog(*read_config(path))

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from keyveil import bdsignals
-from keyveil.catalog import ConfigError, located
+from keyveil.catalog import ConfigError, located, read_config
 from keyveil.codecs.tree import Field, Layer, LimitError
 
 BEHAVIORAL = ("keystroke", "touch", "pointer", "click", "scroll", "activity", "fingerprint")
@@ -87,11 +87,7 @@ def parse_rules(text: str, source: str = "<string>") -> Rules:
 
 
 def load_rules(path: str | Path) -> Rules:
-    path = Path(path)
-    try:
-        return parse_rules(path.read_text(encoding="utf-8"), str(path))
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    return parse_rules(*read_config(path))
 
 
 # -- findings ----------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from keyveil.catalog import ConfigError, Endpoint, located
+from keyveil.catalog import ConfigError, Endpoint, located, read_config
 from keyveil.detect import CATEGORIES, Finding
 
 ACTIONS = ("drop", "strip", "rewrite", "pass")
@@ -179,9 +179,4 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
 
 
 def load_policy(path: str | Path) -> Policy:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    return parse_policy(text, str(path))
+    return parse_policy(*read_config(path))

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from keyveil.journal import CATEGORIES, default_journal_dir
-from keyveil.report import FORMATS, render, report_from_paths
+from keyveil.report import FORMATS, format_for, render, report_from_paths
 
 _REL = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -109,20 +109,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-_SUFFIX_FORMATS = {
-    ".json": "json",
-    ".csv": "csv",
-    ".md": "md",
-    ".html": "html",
-    ".htm": "html",
-    ".txt": "text",
-}
-
-
 def run(args: argparse.Namespace) -> int:
-    fmt = args.format or (
-        _SUFFIX_FORMATS.get(Path(args.output).suffix.lower(), "text") if args.output else "text"
-    )
+    fmt = format_for(args.output, args.format)
     paths = [Path(p) for p in args.paths] or [default_journal_dir()]
     missing = [p for p in paths if not p.exists()]
     if missing:

@@ -17,7 +17,7 @@ from urllib.parse import urlencode, urlsplit
 
 from keyveil.commands.report import add_filter_args, filters_of
 from keyveil.config import default_config_dir
-from keyveil.report import FORMATS, render, report_from_records
+from keyveil.report import FORMATS, format_for, render, report_from_records
 
 
 @dataclass
@@ -190,20 +190,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-_SUFFIX_FORMATS = {
-    ".json": "json",
-    ".csv": "csv",
-    ".md": "md",
-    ".html": "html",
-    ".htm": "html",
-    ".txt": "text",
-}
-
-
 def run(args: argparse.Namespace) -> int:
-    fmt = args.format or (
-        _SUFFIX_FORMATS.get(Path(args.output).suffix.lower(), "text") if args.output else "text"
-    )
+    fmt = format_for(args.output, args.format)
     paths = [Path(f) for f in args.files]
     missing = [p for p in paths if not p.is_file()]
     if missing:

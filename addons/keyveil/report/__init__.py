@@ -33,9 +33,18 @@ from keyveil.report.aggregate import (
 from keyveil.report.columns import ColumnBuilder
 
 FORMATS = ("text", "json", "csv", "md", "html")
+_SUFFIXES = {".json": "json", ".csv": "csv", ".md": "md", ".html": "html", ".htm": "html", ".txt": "text"}
+
+
+def format_for(path: str | Path | None, fmt: str | None = None) -> str:
+    """The report format: `fmt` when given, else from the output file's suffix, else text."""
+    if fmt:
+        return fmt
+    return _SUFFIXES.get(Path(path).suffix.lower(), "text") if path else "text"
 
 __all__ = [
     "FORMATS",
+    "format_for",
     "REPORT_SCHEMA",
     "LiveSummary",
     "Report",
