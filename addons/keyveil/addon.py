@@ -247,13 +247,16 @@ class Keyveil:
 
     def _requestheaders(self, flow: http.HTTPFlow) -> None:
         req = flow.request
-        size = req.headers.get("content-length", "")
         pipeline = self.pipeline or self._ensure()
+        host = _flow_host(req)
+        if pipeline.catalog.app_for(host) is None:  # not Meta (checked before the header: cheaper)
+            return  # mitmproxy's own body settings apply
+        match = pipeline.match(host, req.path, req.method)
+        if match is None:
+            return
+        size = req.headers.get("content-length", "")
         if not size.isdigit() or int(size) <= pipeline.limits.max_body or flow.response:
             return
-        match = pipeline.match(req.pretty_host, req.path, req.method)
-        if match is None:
-            return  # not Meta: mitmproxy's own body settings apply
         preq = Request(req.method, req.pretty_url, req.headers, b"", time.time())
         outcome = pipeline.refuse(preq, match, LimitError("max_body", f"{size} bytes announced"))
         if outcome.answer is not None:
@@ -274,18 +277,16 @@ class Keyveil:
 
     async def _request(self, flow: http.HTTPFlow) -> None:
         req = flow.request
-        # The connection's host: where the bytes go, and what interception is scoped by. Only an IP
-        # (transparent and WireGuard modes) needs the Host header: pretty_host parses it (~6 us).
-        host = req.host
-        if not host or host[-1].isdigit() or ":" in host:
-            host = req.pretty_host
+        host = _flow_host(req)
         if host == LIVE_HOST:
             self._live_page(flow)
             return
         pipeline = self.pipeline or self._ensure()
+        if pipeline.catalog.app_for(host) is None:
+            return  # not Meta: not even looked at (a few dict lookups, before decoding path and method)
         match = pipeline.match(host, req.path, req.method)
         if match is None:
-            return  # not Meta: not even looked at
+            return
         # never `req.content`: mitmproxy would inflate a gzip bomb whole (and cache it)
         body = req.raw_content or b""
         coding = req.headers.get("content-encoding", "")
@@ -403,16 +404,14 @@ class Keyveil:
     def report_cmd(self, path: mtypes.Path) -> str:
         """Write a report of the journal to PATH; the format follows the extension (.html, .json,
         .csv, .md, .txt). Returns the path written."""
-        from keyveil.journal import read_records
-        from keyveil.report import write_report
+        from keyveil.report import format_for, write_report
 
-        fmt = {".html": "html", ".htm": "html", ".json": "json", ".csv": "csv", ".md": "md"}.get(
-            Path(path).suffix.lower(), "text")
+        fmt = format_for(path)
         if not self._journal_path:
             raise exceptions.CommandError("keyveil.report: journaling is off (keyveil_log is empty)")
         if self.journal is not None:
             self.journal.flush()
-        out = write_report(read_records([self._journal_path]), fmt, path)
+        out = write_report(self._journal_path, fmt, path)  # a path takes the fast column reader
         log.info("keyveil: report written to %s", out)
         return str(out)
 
@@ -428,6 +427,15 @@ def _live_summary():
     except ImportError:  # pragma: no cover - reports are part of the package; keep the proxy up anyway
         return None
     return LiveSummary()
+
+
+def _flow_host(req: http.Request) -> str:
+    """The connection's host: where the bytes go, and what interception is scoped by. Only an IP
+    (transparent and WireGuard modes) needs the Host header: pretty_host parses it (~6 us a flow)."""
+    host = req.host
+    if not host or host[-1].isdigit() or ":" in host:
+        return req.pretty_host
+    return host
 
 
 def _plain_summary(counts: dict[str, int]) -> str:
