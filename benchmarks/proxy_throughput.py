@@ -81,17 +81,17 @@ class Job:
     kind: str = "other"
 
 
-def workload(n: int, seed: int) -> list[Job]:
+def workload(n: int, seed: int, telemetry: float = 0.10, functional: float = 0.10) -> list[Job]:
     rng = random.Random(seed)
     banzai = [banzai_batch(16 * KIB, seed=s) for s in range(4)]
     gql = [graphql_send(4 * KIB, seed=s) for s in range(4)]
     jobs = []
     for i in range(n):
         r = rng.random()
-        if r < 0.10:
+        if r < telemetry:
             body, ct = rng.choice(banzai)
             jobs.append(Job("POST", "https", "www.facebook.com", "/ajax/bz?__a=1&__req=" + str(i), body, ct, "telemetry"))
-        elif r < 0.20:
+        elif r < telemetry + functional:
             body, ct = rng.choice(gql)
             jobs.append(Job("POST", "https", "www.facebook.com", "/api/graphql/", body, ct, "functional"))
         else:
@@ -207,6 +207,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
 def pct(xs: list[float], p: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(len(s) * p))]
@@ -215,13 +219,14 @@ def pct(xs: list[float], p: float) -> float:
 async def main_async(args: argparse.Namespace) -> None:
     server = await asyncio.start_server(upstream_conn, "127.0.0.1", 0)
     up = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    jobs = workload(args.requests, args.seed)
+    jobs = workload(args.requests, args.seed, args.telemetry, args.functional)
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         kv_dir = tmp / "keyveil"
         kv_dir.mkdir()
         # keyveil first: it creates the CA that mitmdump then shares (same certificates for both)
-        kv = await asyncio.to_thread(start_proxy, kv_dir, up, "--intercept-all", passthrough=COMMON[2:])
+        extra = ("--intercept-all", "--log", "") if args.no_journal else ("--intercept-all",)
+        kv = await asyncio.to_thread(start_proxy, kv_dir, up, *extra, passthrough=COMMON[2:])
         md = await asyncio.to_thread(Mitmdump, tmp, up, kv.confdir)
         proxies = {"mitmdump": (md.port, md.cafile), "keyveil": (kv.port, kv.cafile)}
         pids = {"mitmdump": md.proc.pid, "keyveil": kv.proc.pid}
@@ -248,7 +253,8 @@ async def main_async(args: argparse.Namespace) -> None:
     if "Traceback" in kv_log:
         print("keyveil log has a traceback:\n" + kv_log[-2000:])
     print(f"\n{args.requests} requests x {args.rounds} rounds per proxy, {CLIENTS} clients, "
-          f"{int(NEW_CONN * 100)}% new connections")
+          f"{int(NEW_CONN * 100)}% new connections, {args.telemetry:.0%} telemetry, {args.functional:.0%} functional"
+          f"{', keyveil journal off' if args.no_journal else ''}")
     print(f"{'':10s} {'req/s':>7s} {'CPU us/req':>10s} {'median ms':>10s} {'p99 ms':>8s}   {'non-Meta med':>12s} "
           f"{'telemetry med':>13s} {'functional med':>14s}")
     rps = {}
@@ -259,8 +265,7 @@ async def main_async(args: argparse.Namespace) -> None:
         lat = {k: [x * 1000 for r in runs for x in r.latencies.get(k, [])] for k in ("non-meta", "telemetry", "functional")}
         every = [x for v in lat.values() for x in v]
         print(f"{name:10s} {rps[name]:7.0f} {cpu[name]:10.0f} {statistics.median(every):10.2f} {pct(every, 0.99):8.2f}   "
-              f"{statistics.median(lat['non-meta']):12.2f} {statistics.median(lat['telemetry']):13.2f} "
-              f"{statistics.median(lat['functional']):14.2f}")
+              f"{med(lat['non-meta']):12.2f} {med(lat['telemetry']):13.2f} {med(lat['functional']):14.2f}")
     print(f"keyveil / mitmdump throughput: {rps['keyveil'] / rps['mitmdump'] * 100:.1f}% (goal >= 95%)")
     print(f"mitmdump / keyveil proxy CPU per request (capacity when the proxy is the bottleneck): "
           f"{cpu['mitmdump'] / cpu['keyveil'] * 100:.1f}%")
@@ -271,6 +276,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--telemetry", type=float, default=0.10, help="share of Banzai batches (default 0.10)")
+    ap.add_argument("--functional", type=float, default=0.10, help="share of GraphQL sends (default 0.10)")
+    ap.add_argument("--no-journal", action="store_true", help="run keyveil with its journal off")
     asyncio.run(main_async(ap.parse_args()))
 
 
