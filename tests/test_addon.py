@@ -131,3 +131,10 @@ class TestKeyveil:
             assert page.response.status_code == 200 and b"<svg" in page.response.content
             assert kv.live.summary()["flows"] == len(fixture_bodies)
             kv.done()
+
+    def test_every_option_is_documented(self):
+        kv = Keyveil()
+        doc = (ROOT / "docs" / "options.md").read_text()
+        with taddons.context(kv) as tctx:
+            names = [k for k in tctx.options._options if k.startswith("keyveil_")]
+        assert names and all(f"`{n}`" in doc for n in names), [n for n in names if f"`{n}`" not in doc]
