@@ -271,8 +271,9 @@ def redact(record: dict[str, Any], detail: str = "summary") -> tuple[dict[str, A
             else:
                 ev, sa = _int(v), 0
             slot = cats.setdefault(name, {"events": 0, "samples": 0})
-            slot["events"] += ev
-            slot["samples"] += sa
+            # unknown names fold into "other": the sum must stay inside the u32 the file stores
+            slot["events"] = min(slot["events"] + ev, U32)
+            slot["samples"] = min(slot["samples"] + sa, U32)
     out["categories"] = cats
 
     routes: dict[str, int] = {}
