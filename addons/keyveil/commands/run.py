@@ -108,6 +108,14 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _where(args: argparse.Namespace) -> str:
+    """Where the proxy listens: the regular proxy's address, and any other mitmproxy mode."""
+    _, modes = split_modes(args.mode)
+    out = [f"{args.listen_host}:{args.listen_port}"] if _regular(modes) else []
+    out += [m if "@" in m else f"{m}@{args.listen_host}:{args.listen_port}" for m in modes if m != "regular"]
+    return ", ".join(out)
+
+
 def _mode(args: argparse.Namespace, kv_mode: str | None) -> str:
     if kv_mode:
         return kv_mode
@@ -123,7 +131,7 @@ def banner(args: argparse.Namespace, kv_mode: str | None, fingerprint: str = "",
     apps = sorted(set(cat.apps.values()) | {e.app for e in cat.endpoints if e.app})
     confdir = Path(args.confdir)
     lines = [
-        f"keyveil listening on {args.listen_host}:{args.listen_port} ({_mode(args, kv_mode)} mode)",
+        f"keyveil listening on {_where(args)} ({_mode(args, kv_mode)} mode)",
         f"  protecting: {len(cat.endpoints)} Meta endpoints for {', '.join(apps)}",
         "  TLS:        " + ("every host is intercepted (--intercept-all)" if args.intercept_all
                             else "only Meta's hosts are intercepted; everything else is tunnelled untouched"),
