@@ -16,6 +16,7 @@ import math
 import numbers
 import re
 import statistics
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -90,19 +91,39 @@ def _cipher(asid: str) -> Cipher:
     return Cipher(Blowfish(key), modes.CBC(iv))
 
 
+_ECB_CACHE = threading.local()  # per thread: an OpenSSL context is not safe to share across threads
+_ECB_CACHE_SIZE = 64
+
+
+def _ecb_decryptor(key: bytes) -> Any:
+    """A Blowfish-ECB decryptor for `key`, reused: making an OpenSSL context costs more than
+    decrypting a whole post. ECB keeps no state between blocks, so it is never finalized."""
+    cache: dict[bytes, Any] | None = getattr(_ECB_CACHE, "d", None)
+    if cache is None:
+        cache = _ECB_CACHE.d = {}
+    dec = cache.get(key)
+    if dec is None:
+        if len(cache) >= _ECB_CACHE_SIZE:
+            cache.clear()
+        dec = cache[key] = Cipher(Blowfish(key), modes.ECB()).decryptor()
+    return dec
+
+
 def _decrypt_raw(sjd_b64: str, asid: str) -> bytes:
     if not isinstance(sjd_b64, str):
         raise SignalsError(f"sjd must be a string, not {type(sjd_b64).__name__}")
-    cipher = _cipher(asid)
+    key, iv = derive_key_iv(asid)
     try:
         data = base64.b64decode(sjd_b64, validate=True)
     except (binascii.Error, ValueError) as e:
         raise SignalsError(f"sjd is not base64: {e}") from None
     if not data or len(data) % _BLOCK:
         raise SignalsError(f"sjd ciphertext is {len(data)} bytes, not a positive multiple of 8")
-    dec = cipher.decryptor()
+    # CBC by hand over ECB: P_i = D(C_i) xor C_(i-1), with C_0 = IV, as one big-integer xor
+    blocks = _ecb_decryptor(key).update(data)
+    plain = (int.from_bytes(blocks, "big") ^ int.from_bytes(iv + data[:-_BLOCK], "big")).to_bytes(len(data), "big")
     # Zero padding, as javascript-blowfish's trimZeros: JSON text never ends in NUL.
-    return (dec.update(data) + dec.finalize()).rstrip(b"\x00")
+    return plain.rstrip(b"\x00")
 
 
 def decrypt_sjd(sjd_b64: str, asid: str) -> bytes:
