@@ -81,16 +81,61 @@ class Decoder:
     # -- formats ---------------------------------------------------------------------------
     def json(self, raw: bytes | str, depth: int = 0) -> Layer:
         self._depth(depth)
+        esc = "\\u" if isinstance(raw, str) else b"\\u"
+        layer = Layer("json", raw, None, {"ascii": esc in raw and raw.isascii()})
+        # Nested encodings are found while the C parser builds each object (object_hook), so the
+        # numbers and plain strings of a payload are never visited one by one in Python.
+        hook = self._object_hook(layer, depth + 1)
         try:
-            value = json.loads(raw)
+            value = json.loads(raw, object_hook=hook)
         except RecursionError:  # deeper than the interpreter's stack: a depth limit, not bad JSON
             raise LimitError("max_depth", "json nesting beyond the recursion limit") from None
+        except DecodeError:  # a limit reached inside a nested encoding
+            raise
         except ValueError as e:
             raise DecodeError(f"json: {e.__class__.__name__}") from None
-        text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
-        layer = Layer("json", raw, None, {"ascii": text.isascii() and "\\u" in text})
-        layer.value = self._walk(value, layer, depth + 1)
+        if type(value) is list:
+            self._sniff_list(value, layer, depth + 1, 0)
+        layer.value = value
         return layer
+
+    def _object_hook(self, layer: Layer, depth: int) -> Any:
+        def hook(d: dict) -> dict:
+            self._count(1 + len(d))
+            for k, v in d.items():
+                tv = type(v)
+                if tv is str:
+                    if len(v) > 1 and (v[0] in "{[" or v[:2] in _ZLIB_B64_HEADS):
+                        d[k] = self._string(v, layer, depth)
+                elif tv is list and v:
+                    self._sniff_list(v, layer, depth, 0)
+            posts = d.get("posts")
+            if type(posts) is str and d.get("compression") == "snappy_base64":
+                d["posts"] = self._snappy_b64(posts, layer, depth)
+            return d
+
+        return hook
+
+    def _sniff_list(self, lst: list, layer: Layer, depth: int, nest: int) -> None:
+        """Strings holding an encoding in a list, and in lists inside it (objects got their hook)."""
+        if nest > self.limits.max_depth:
+            raise LimitError("max_depth", f"nesting over {self.limits.max_depth}")
+        self._count(len(lst))
+        for i, v in enumerate(lst):
+            tv = type(v)
+            if tv is str:
+                if len(v) > 1 and (v[0] in "{[" or v[:2] in _ZLIB_B64_HEADS):
+                    lst[i] = self._string(v, layer, depth)
+            elif tv is list and v:
+                self._sniff_list(v, layer, depth, nest + 1)
+
+    def _count(self, n: int) -> None:
+        self.nodes += n
+        if self.nodes > self.limits.max_nodes:
+            raise LimitError("max_nodes", f"over {self.limits.max_nodes} values")
+        if self.nodes >= self._next_check:  # the clock is read every few thousand values, not each
+            self._next_check = self.nodes + 4096
+            self.check_time()
 
     def msgpack(self, raw: bytes, depth: int = 0) -> Layer:
         self._depth(depth)
