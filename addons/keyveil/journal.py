@@ -707,6 +707,7 @@ class JournalWriter:
         self.retention_days = retention_days
         self.detail = detail
         self.flush_interval = flush_interval
+        self.gather = min(0.02, flush_interval / 10)  # seconds a batch may gather before it is written
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()
         self._dropped = 0  # caller side: queue full or closed
@@ -800,6 +801,9 @@ class JournalWriter:
                     item = self._queue.get(timeout=self.flush_interval)
                 except queue.Empty:
                     item = None
+                if type(item) is dict and self.gather > 0:
+                    # let a burst arrive: one write (and one wake-up) per burst, not one per record
+                    time.sleep(self.gather)
                 batch: list[dict[str, Any]] = []
                 events: list[threading.Event] = []
                 stop = False
