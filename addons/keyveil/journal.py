@@ -707,7 +707,7 @@ class JournalWriter:
         self.retention_days = retention_days
         self.detail = detail
         self.flush_interval = flush_interval
-        self.gather = min(0.02, flush_interval / 10)  # seconds a batch may gather before it is written
+        self.gather = min(0.2, flush_interval / 5)  # seconds a batch may gather before it is written
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()
         self._dropped = 0  # caller side: queue full or closed
