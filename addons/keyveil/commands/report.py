@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import time
@@ -11,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from keyveil.journal import CATEGORIES, default_journal_dir
-from keyveil.report import FORMATS, format_for, render, report_from_paths
+from keyveil.report import FORMATS, format_for, render, report_from_paths, write_text
 
 _REL = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -121,9 +120,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.output or args.output == "-":
         sys.stdout.write(text)
         return 0
-    out = Path(args.output).expanduser()
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
+    out = write_text(text, args.output)
     print(f"keyveil report: wrote {out} ({fmt}, {report.summary['flows']:,} flows)", file=sys.stderr)
     return 0

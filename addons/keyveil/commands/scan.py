@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from urllib.parse import urlencode, urlsplit
 
 from keyveil.commands.report import add_filter_args, filters_of
 from keyveil.config import default_config_dir
-from keyveil.report import FORMATS, format_for, render, report_from_records
+from keyveil.report import FORMATS, format_for, render, report_from_records, write_text
 
 
 @dataclass
@@ -219,9 +218,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.output or args.output == "-":
         sys.stdout.write(text)
         return 0
-    out = Path(args.output).expanduser()
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
+    out = write_text(text, args.output)
     print(f"keyveil scan: wrote {out} ({fmt})", file=sys.stderr)
     return 0

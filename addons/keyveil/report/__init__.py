@@ -52,6 +52,7 @@ __all__ = [
     "report_from_paths",
     "report_from_records",
     "write_report",
+    "write_text",
 ]
 
 
@@ -107,7 +108,12 @@ def write_report(records: Iterable[dict[str, Any]] | str | Path, fmt: str, path:
         report = report_from_paths([records], with_rows=fmt == "csv")
     else:
         report = report_from_records(records, with_rows=fmt == "csv")
-    text = render(report, fmt)
+    return write_text(render(report, fmt), path)
+
+
+def write_text(text: str, path: str | Path) -> Path:
+    """Write a whole report file: to a temporary name beside it, then renamed, so a reader never
+    sees half a report."""
     path = Path(path).expanduser()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
