@@ -190,14 +190,8 @@ def timing_shape(values: list, *, relative_ok: bool = False, min_cv: float = 0.1
         return None
     if not all(map(math.isfinite, a)):
         return None
-    first = a[0]
-    if 1e12 <= first <= 4e12:
-        scale = 1.0
-    elif 1e9 <= first <= 4e9:
-        scale = 1000.0
-    elif 0 <= first < 1e8 and (relative_ok or not all(x.is_integer() for x in a)):
-        scale = 1.0
-    else:
+    scale = _clock_scale(a[0], relative_ok, lambda: not all(x.is_integer() for x in a))
+    if scale is None:
         return None
     d = [(y - x) * scale for x, y in zip(a, a[1:], strict=False)]
     if min(d) < 0 or len(d) - d.count(0.0) < 3:
@@ -205,10 +199,27 @@ def timing_shape(values: list, *, relative_ok: bool = False, min_cv: float = 0.1
     s = sorted(d)
     m = len(s)
     med = s[m // 2] if m % 2 else (s[m // 2 - 1] + s[m // 2]) / 2
-    if not 8.0 <= med <= 3000.0 or s[-1] > 600_000.0:
-        return None
     mean = math.fsum(d) / m
     std = math.sqrt(math.fsum((x - mean) ** 2 for x in d) / m)
+    return _verdict(med, s[-1], mean, std, min_cv, scale)
+
+
+def _clock_scale(first: float, relative_ok: bool, fractional: Callable[[], bool]) -> float | None:
+    """Milliseconds per unit of a series starting at `first`: epoch ms, epoch s, or page-relative
+    high-resolution ms (fractional values, or `relative_ok`). None: not a clock."""
+    if 1e12 <= first <= 4e12:
+        return 1.0
+    if 1e9 <= first <= 4e9:
+        return 1000.0
+    if 0 <= first < 1e8 and (relative_ok or fractional()):
+        return 1.0
+    return None
+
+
+def _verdict(med: float, top: float, mean: float, std: float, min_cv: float, scale: float) -> tuple[str, float] | None:
+    """Human gaps: median 8 ms - 3 s, none over 10 minutes, varying (timers are constant)."""
+    if not 8.0 <= med <= 3000.0 or top > 600_000.0:
+        return None
     if mean <= 0 or std == 0.0 or std / mean < min_cv:
         return None
     return ("pointer" if med < 35.0 else "keystroke"), scale
@@ -225,28 +236,13 @@ def _timing_shape_np(values: list, relative_ok: bool, min_cv: float) -> tuple[st
         return None
     if not np.isfinite(a).all():
         return None
-    first = a[0]
-    if 1e12 <= first <= 4e12:
-        scale = 1.0
-    elif 1e9 <= first <= 4e9:
-        scale = 1000.0
-    elif 0 <= first < 1e8 and (relative_ok or bool(np.any(a != np.floor(a)))):
-        scale = 1.0
-    else:
+    scale = _clock_scale(float(a[0]), relative_ok, lambda: bool(np.any(a != np.floor(a))))
+    if scale is None:
         return None
     d = np.diff(a) * scale
-    if (d < 0).any():
+    if (d < 0).any() or np.count_nonzero(d) < 3:
         return None
-    if np.count_nonzero(d) < 3:
-        return None
-    med = float(np.median(d))
-    if not 8.0 <= med <= 3000.0 or float(d.max()) > 600_000.0:
-        return None
-    mean = float(d.mean())
-    std = float(d.std())
-    if mean <= 0 or std == 0.0 or std / mean < min_cv:
-        return None
-    return ("pointer" if med < 35.0 else "keystroke"), scale
+    return _verdict(float(np.median(d)), float(d.max()), float(d.mean()), float(d.std()), min_cv, scale)
 
 
 # -- the walk ----------------------------------------------------------------------------------
