@@ -61,6 +61,16 @@ def _fmt(v: float) -> str:
     return f"{int(v):,}" if float(v).is_integer() else f"{v:,.1f}"
 
 
+def _gridlines(x0: float, x1: float, mt: float, ph: float, top: float, steps: int) -> list[str]:
+    """Horizontal grid lines with their value labels, from 0 to `top` in `steps` steps."""
+    out = []
+    for k in range(steps + 1):
+        y = mt + ph - ph * k / steps
+        out.append(f'<line x1="{x0}" x2="{x1}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
+        out.append(f'<text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{_fmt(top * k / steps)}</text>')
+    return out
+
+
 def timeline_svg(s: dict[str, Any], width: int = 900, height: int = 240) -> Markup:
     """Stacked bars of flows per time bucket, coloured by action."""
     buckets = s["timeline"]["buckets"]
@@ -85,12 +95,7 @@ def timeline_svg(s: dict[str, Any], width: int = 900, height: int = 240) -> Mark
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" class="chart" '
         f'role="img" aria-label="Flows over time" id="kv-chart-timeline" data-buckets="{nb}" data-step="{step}">'
     ]
-    for k in range(5):
-        y = mt + ph - ph * k / 4
-        parts.append(f'<line x1="{ml}" x2="{width - mr}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
-        parts.append(
-            f'<text x="{ml - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{_fmt(top * k / 4)}</text>'
-        )
+    parts += _gridlines(ml, width - mr, mt, ph, top, 4)
     unit = {3600: "hour", 86400: "day"}.get(step, "week")
     for i, row in enumerate(grid):
         total = sum(row)
@@ -137,12 +142,7 @@ def hours_svg(s: dict[str, Any], width: int = 900, height: int = 160) -> Markup:
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" class="chart" role="img" '
         f'aria-label="Flows by hour of the day" id="kv-chart-hours">'
     ]
-    for k in range(3):
-        y = mt + ph - ph * k / 2
-        parts.append(f'<line x1="{ml}" x2="{width - mr}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
-        parts.append(
-            f'<text x="{ml - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{_fmt(top * k / 2)}</text>'
-        )
+    parts += _gridlines(ml, width - mr, mt, ph, top, 2)
     for h, v in enumerate(counts):
         x = ml + h * bw
         if v:
