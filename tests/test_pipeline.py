@@ -140,3 +140,14 @@ class TestPipeline:
     def test_method_outside_catalog(self, pipeline, method):
         out = pipeline.process(Request(method, "https://www.facebook.com/ajax/bz", FORM, b""))
         assert out.record["kind"] == "uncataloged" and out.action == "passed"
+
+
+def test_the_core_never_imports_mitmproxy():
+    """catalog, codecs, detect, policy, apply, timing, journal, report and pipeline are sans-I/O."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import keyveil.pipeline, keyveil.journal, keyveil.report, keyveil.timing, "
+            "keyveil.websocket, keyveil.discover; print(sorted(m for m in sys.modules if m.startswith('mitmproxy')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
