@@ -14,8 +14,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
-from keyveil import certs, cli
 from mitmproxy.certs import CertStore
+
+from keyveil import certs, cli
 
 OPENSSL = shutil.which("openssl")
 CERTUTIL = shutil.which("certutil")

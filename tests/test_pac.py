@@ -11,6 +11,7 @@ import subprocess
 import threading
 
 import pytest
+
 from keyveil import cli
 from keyveil.catalog import load_catalog, parse_catalog
 from keyveil.config import REPO_DIR

@@ -20,6 +20,7 @@ from unittest.mock import MagicMock
 
 import mitmproxy_rs
 import pytest
+
 from keyveil import certs, wireguard
 
 
