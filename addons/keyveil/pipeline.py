@@ -17,12 +17,11 @@ from keyveil import apply
 from keyveil.catalog import Answer, Catalog, Endpoint, Match, load_catalog
 from keyveil.codecs import DecodeError, Decoder, Layer, LimitError, Limits
 from keyveil.detect import Detection, Detector, Finding, Rules, load_rules
-from keyveil.policy import Plan, Policy, load_policy
+from keyveil.policy import JOURNAL_ACTION, Plan, Policy, load_policy
 
 SCHEMA_VERSION = 1
 # a 1x1 transparent GIF, what the Pixel's image GET expects
 GIF_1X1 = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
-_PAST = {"drop": "dropped", "strip": "stripped", "rewrite": "rewritten", "pass": "passed", "allowed": "allowed"}
 
 
 @dataclass
@@ -203,7 +202,7 @@ class Pipeline:
         plan = self.policy.decide(match.app, ep, host, findings, route)
         if plan.flow == "strip" and ep is not None and ep.kind == "telemetry" and _whole_unit_stripped(findings, plan):
             plan = Plan("drop", plan.actions, plan.reason)  # a Pixel hit is one event: it goes as a whole
-        record["action"] = _PAST.get(plan.flow, plan.flow)
+        record["action"] = JOURNAL_ACTION.get(plan.flow, plan.flow)
         if plan.reason:
             record["reason"] = plan.reason
         if self.mode == "audit" or plan.flow in ("pass", "allowed"):

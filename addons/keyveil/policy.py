@@ -12,6 +12,8 @@ from keyveil.catalog import ConfigError, Endpoint, located, read_config
 from keyveil.detect import CATEGORIES, Finding
 
 ACTIONS = ("drop", "strip", "rewrite", "pass")
+# a plan's flow action -> the journal's word for what happened
+JOURNAL_ACTION = {"drop": "dropped", "strip": "stripped", "rewrite": "rewritten", "pass": "passed", "allowed": "allowed"}
 MODES = ("enforce", "audit")
 _RULE_KEYS = {"app", "endpoint", "kind", "category", "route", "action", "note"}
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from keyveil import apply
 from keyveil.codecs import DecodeError, Decoder, Layer, LimitError
 from keyveil.detect import Detection
+from keyveil.policy import JOURNAL_ACTION
 
 if TYPE_CHECKING:
     from keyveil.catalog import Match
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 WS_CODEC = "falco_ws"
 # Messenger's realtime task label for "typing..." (lightspeed task "3" carries is_typing)
 TYPING_TASK_LABELS = frozenset({"3"})
-_PAST = {"strip": "stripped", "rewrite": "rewritten", "pass": "passed", "drop": "dropped"}
 
 
 @dataclass
@@ -143,7 +143,7 @@ def inspect_message(
         action = (
             "dropped"
             if drop or _strips_all(plan.actions, findings, events)
-            else _PAST.get(plan.flow, "stripped")
+            else JOURNAL_ACTION.get(plan.flow, "stripped")
         )
         if strip_features and action == "passed":
             action = "stripped"
