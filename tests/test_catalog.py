@@ -84,3 +84,12 @@ class TestCatalog:
         with pytest.raises(ConfigError, match=needle) as e:
             parse_catalog(text, source="endpoints.toml")
         assert "endpoints.toml" in str(e.value) and "line 1" in str(e.value)
+
+
+def test_media_cdns_are_not_intercepted(catalog):
+    """Photos and video never carry telemetry: their hosts stay outside the interception scope."""
+    import re
+
+    rx = re.compile(catalog.intercept_regex())
+    for host in ("scontent.xx.fbcdn.net", "scontent.cdninstagram.com", "mmg.whatsapp.net"):
+        assert catalog.match(host, "/v/t39.jpg", "GET") is None and not rx.search(host)
