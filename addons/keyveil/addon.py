@@ -20,7 +20,8 @@ from keyveil.apply import Rewriter
 from keyveil.catalog import ConfigError
 from keyveil.codecs import DecodeError, LimitError, Limits
 from keyveil.codecs.compress import decode_content
-from keyveil.config import default_config_dir, default_state_dir
+from keyveil.config import default_config_dir
+from keyveil.journal import default_journal_dir
 from keyveil.pipeline import Outcome, Pipeline, Request
 
 log = logging.getLogger("keyveil")
@@ -62,7 +63,7 @@ class Keyveil:
             "would have happened. Empty: the mode written in policy.toml.",
         )
         loader.add_option(
-            "keyveil_log", str, str(default_state_dir() / "journal"),
+            "keyveil_log", str, str(default_journal_dir()),
             "The journal: a folder (rotated files) or a file path. Empty disables journaling.",
         )
         loader.add_option(

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 from keyveil.catalog import ConfigError, load_catalog
-from keyveil.config import default_config_dir, default_state_dir
+from keyveil.config import default_config_dir
 from keyveil.discover import as_json, catalog_entry, discover, render_text
+from keyveil.journal import default_journal_dir
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"keyveil discover: {e}", file=sys.stderr)
         return 2
-    paths = args.journal or [default_state_dir() / "journal"]
+    paths = args.journal or [default_journal_dir()]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         print(f"keyveil discover: no journal at {', '.join(missing)}", file=sys.stderr)

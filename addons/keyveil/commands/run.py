@@ -7,7 +7,8 @@ import ipaddress
 import sys
 from pathlib import Path
 
-from keyveil.config import PACKAGE_DIR, default_certs_dir, default_config_dir, default_state_dir
+from keyveil.config import PACKAGE_DIR, default_certs_dir, default_config_dir
+from keyveil.journal import default_journal_dir
 
 KEYVEIL_MODES = ("enforce", "audit")
 SCRIPT = PACKAGE_DIR.parent / "keyveil_addon.py"
@@ -22,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--listen-host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--listen-port", type=int, default=8080, help="port to listen on (default 8080)")
-    p.add_argument("--log", default=str(default_state_dir() / "journal"), metavar="PATH",
+    p.add_argument("--log", default=str(default_journal_dir()), metavar="PATH",
                    help="the journal: a folder (rotated files) or a file (default %(default)s)")
     p.add_argument("--config", default=str(default_config_dir()), metavar="DIR",
                    help="folder with endpoints.toml, detection.toml, policy.toml (default: the bundled config/)")
